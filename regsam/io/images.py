@@ -1,0 +1,178 @@
+"""Reading, writing and normalising 3D images.
+
+Every image in regsam is a :class:`SimpleITK.Image` whose geometry (origin,
+spacing, direction) is in millimetres and LPS world coordinates, exactly as
+SimpleITK reports it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from regsam.errors import InputError
+from regsam.io.atomic import atomic_path
+
+#: HU value used outside the scanned field of view (air).
+AIR_HU = -1024.0
+
+
+def _describe(path: Path) -> str:
+    return f"'{path}'"
+
+
+def check_volume(image: sitk.Image, name: str = "image") -> sitk.Image:
+    """Raise :class:`InputError` unless ``image`` is a 3D scalar image without NaNs."""
+    if image.GetDimension() != 3:
+        raise InputError(f"{name} is {image.GetDimension()}D; a 3D volume is required")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar image is required")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{name} has size {image.GetSize()}; a 3D volume needs at least 2 voxels along each axis")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+            raise InputError(f"{name} contains NaN or infinite values")
+    return image
+
+
+def read_image(path: str | os.PathLike, name: str | None = None) -> sitk.Image:
+    """Read a 3D image from any SimpleITK format or from a DICOM series folder.
+
+    Args:
+        path: ``.nii``/``.nii.gz``, ``.mha``/``.mhd``, ``.nrrd`` ... or a folder holding one DICOM series.
+        name: what to call the image in error messages (defaults to the path).
+
+    Raises:
+        InputError: missing/unreadable file, or not a 3D scalar volume, or NaNs.
+    """
+    path = Path(path)
+    label = name or _describe(path)
+    if not path.exists():
+        raise InputError(f"{label}: file not found: {path}")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InputError(f"{label}: folder holds no DICOM series: {path}")
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise InputError(f"{label}: cannot read image {path} ({first[:160]})") from None
+    return check_volume(image, label)
+
+
+def read_raw_volume(
+    path: str | os.PathLike,
+    size: Sequence[int],
+    spacing: Sequence[float],
+    dtype: str = "<i2",
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
+) -> sitk.Image:
+    """Read a headerless raw volume such as a DIR-Lab ``.img`` file.
+
+    Args:
+        size: voxels along (x, y, z); the file holds x fastest.
+        spacing: mm along (x, y, z).
+        dtype: numpy dtype string; DIR-Lab uses little-endian int16 (``"<i2"``).
+        origin: world position of voxel (0, 0, 0). DIR-Lab's landmark convention
+            ``mm = (index - 1) * spacing`` means origin 0.
+
+    Raises:
+        InputError: missing file, or a file whose byte count does not match ``size``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"raw image not found: {path}")
+    expected = int(np.prod(size)) * np.dtype(dtype).itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise InputError(
+            f"{path.name}: {actual} bytes, expected {expected} for {tuple(size)} voxels of {np.dtype(dtype).name} (truncated or wrong case?)"
+        )
+    data = np.fromfile(path, dtype=dtype).reshape(tuple(reversed(size)))
+    image = sitk.GetImageFromArray(data.astype(data.dtype.newbyteorder("=")))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    return image
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``image`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
+    return path
+
+
+def to_lps(image: sitk.Image) -> sitk.Image:
+    """Permute and flip axes so the image's direction is as close to identity (LPS) as possible.
+
+    Voxel data is reordered, the physical position of every voxel is unchanged.
+    """
+    return sitk.DICOMOrient(image, "LPS")
+
+
+def resample_to_spacing(
+    image: sitk.Image,
+    spacing: float | Sequence[float],
+    interpolator: int = sitk.sitkLinear,
+    default_value: float = AIR_HU,
+) -> sitk.Image:
+    """Resample ``image`` onto a grid with the given spacing (mm) covering the same extent."""
+    if np.isscalar(spacing):
+        spacing = (float(spacing),) * 3
+    spacing = tuple(float(s) for s in spacing)
+    old_spacing = np.array(image.GetSpacing())
+    old_size = np.array(image.GetSize())
+    new_size = np.maximum(1, np.round(old_size * old_spacing / np.array(spacing))).astype(int)
+    # Keep the centre of the field of view fixed so both grids cover the same region.
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint(((old_size - 1) / 2.0).tolist()))
+    origin = centre - direction @ ((new_size - 1) / 2.0 * np.array(spacing))
+    return sitk.Resample(
+        image,
+        [int(s) for s in new_size],
+        sitk.Transform(),
+        interpolator,
+        origin.tolist(),
+        spacing,
+        image.GetDirection(),
+        default_value,
+        image.GetPixelID(),
+    )
+
+
+def standardize(
+    image: sitk.Image,
+    spacing: float | Sequence[float] | None = None,
+    interpolator: int = sitk.sitkLinear,
+    pixel_type: int | None = sitk.sitkFloat32,
+) -> sitk.Image:
+    """Reorient to LPS, optionally resample to ``spacing`` mm and cast; the one entry point downstream code uses."""
+    out = to_lps(image)
+    if pixel_type is not None and out.GetPixelID() != pixel_type:
+        out = sitk.Cast(out, pixel_type)
+    if spacing is not None:
+        out = resample_to_spacing(out, spacing, interpolator)
+    return out
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    """True if ``a`` and ``b`` share size, origin, spacing and direction."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    )
