@@ -26,7 +26,9 @@ import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_dir
+from regsam.io.images import read_image
 from regsam.io.landmarks import read_points_csv, write_points_csv
+from regsam.io.transforms import write_displacement_field
 
 DEFAULT_POINT_SET = "points"
 
@@ -107,10 +109,13 @@ def load_case(path: str | os.PathLike) -> Case:
 
 
 def _write_image_or_copy(image: sitk.Image | str | os.PathLike, target: Path) -> None:
-    if isinstance(image, sitk.Image):
-        sitk.WriteImage(image, str(target), True)
-    else:
-        shutil.copyfile(image, target)
+    if not isinstance(image, sitk.Image):
+        if str(image).endswith(".nii.gz"):
+            shutil.copyfile(image, target)
+            return
+        # Bytes of .mha/.nrrd/.nii or a DICOM folder copied under a .nii.gz name are unreadable: convert.
+        image = read_image(image)
+    sitk.WriteImage(image, str(target), True)
 
 
 def write_case(
@@ -146,6 +151,6 @@ def write_case(
             if image is not None:
                 sitk.WriteImage(sitk.Cast(image > 0, sitk.sitkUInt8), str(tmp / file_name), True)
         if gt_disp is not None:
-            sitk.WriteImage(gt_disp, str(tmp / "gt_disp.nii.gz"), True)
+            write_displacement_field(gt_disp, tmp / "gt_disp.nii.gz")
         (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, default=str) + "\n")
     return load_case(out)

@@ -127,9 +127,16 @@ def resample_to_spacing(
     image: sitk.Image,
     spacing: float | Sequence[float],
     interpolator: int = sitk.sitkLinear,
-    default_value: float = AIR_HU,
+    default_value: float | None = None,
 ) -> sitk.Image:
-    """Resample ``image`` onto a grid with the given spacing (mm) covering the same extent."""
+    """Resample ``image`` onto a grid with the given spacing (mm) covering the same extent.
+
+    ``default_value`` fills voxels outside the old field of view: by default air
+    (-1024 HU) for signed and float images, 0 for unsigned ones (masks, labels).
+    """
+    if default_value is None:
+        unsigned = image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64)
+        default_value = 0.0 if unsigned else AIR_HU
     if np.isscalar(spacing):
         spacing = (float(spacing),) * 3
     spacing = tuple(float(s) for s in spacing)
