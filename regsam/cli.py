@@ -104,12 +104,103 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_data_simulate)
 
 
+# ---------------------------------------------------------------- register
+def _cmd_register(args: argparse.Namespace) -> int:
+    from regsam.register.api import run_register_command
+
+    out = run_register_command(
+        Path(args.fixed),
+        Path(args.moving),
+        Path(args.out),
+        method=args.method,
+        preset=args.preset,
+        fixed_mask_path=Path(args.fixed_mask) if args.fixed_mask else None,
+        moving_mask_path=Path(args.moving_mask) if args.moving_mask else None,
+        options={},
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("register", help="register MOVING onto FIXED; writes disp.nii.gz, warped.nii.gz, summary.json")
+    p.add_argument("fixed", help="fixed image (the grid of the result)")
+    p.add_argument("moving", help="moving image")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", default="elastix", help="registration method (default: elastix)")
+    p.add_argument("--preset", default=None, help="method preset, e.g. lung or fast for elastix")
+    p.add_argument("--fixed-mask", default=None, help="mask of the fixed image (non-zero inside)")
+    p.add_argument("--moving-mask", default=None, help="mask of the moving image (non-zero inside)")
+    p.set_defaults(func=_cmd_register)
+
+
+# ---------------------------------------------------------------- bench
+def _bench_case_dirs(args: argparse.Namespace) -> list[Path]:
+    from regsam.bench.datasets import prepared_cases, sim4dct_cases
+    from regsam.bench.runner import find_case_folders
+
+    if args.cases and args.dataset:
+        raise InputError("give either --cases or --dataset, not both")
+    if args.cases:
+        return find_case_folders(args.cases)
+    if args.dataset == "sim4dct":
+        return sim4dct_cases(landmarks_dir=args.landmarks, progress=lambda t: print(t, file=sys.stderr, flush=True))
+    if args.dataset in ("dirlab4dct", "copdgene"):
+        if not args.root:
+            raise InputError(f"--dataset {args.dataset} needs --root (the folder of your download)")
+        return prepared_cases(args.dataset, args.root, args.out)
+    raise InputError("give --cases DIR or --dataset sim4dct|dirlab4dct|copdgene")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from regsam.bench.runner import parse_methods, run_benchmark
+
+    methods = parse_methods(args.methods)
+    case_dirs = _bench_case_dirs(args)
+    run_benchmark(case_dirs, methods, args.out, task=args.task, timeout_s=args.timeout)
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run methods on case folders and write TRE reports")
+    p.add_argument("--cases", default=None, help="a case folder or a folder of case folders")
+    p.add_argument("--dataset", choices=["sim4dct", "dirlab4dct", "copdgene"], default=None)
+    p.add_argument("--root", default=None, help="download folder for --dataset dirlab4dct/copdgene")
+    p.add_argument("--landmarks", default=None, help="DIR-Lab landmark folder driving sim4dct motion")
+    p.add_argument("--methods", default="elastix:lung", help="comma-separated METHOD[:PRESET] (default elastix:lung)")
+    p.add_argument("--task", choices=["register", "match"], default="register")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per (case, method)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.set_defaults(func=_cmd_bench)
+
+
+# ---------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from regsam.bench.demo import run_demo
+
+    report = run_demo(Path(args.out), methods=args.methods, seed=args.seed)
+    print(f"report: {report}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="fetch the sample CT, simulate a breathing pair, register it, write a report")
+    p.add_argument("--out", default="regsam_demo", help="output folder (default ./regsam_demo)")
+    p.add_argument("--methods", default="elastix:lung", help="methods to run (default elastix:lung)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
 # ---------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regsam", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"regsam {__import__('regsam').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
+    _add_register(sub)
+    _add_bench(sub)
+    _add_demo(sub)
     return parser
 
 

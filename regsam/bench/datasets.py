@@ -1,0 +1,95 @@
+"""Standard benchmark inputs: simulated 4DCT pairs and the public datasets.
+
+``sim4dct`` is built once from the sample CT and cached: five breathing pairs,
+each driven by the motion of one DIR-Lab 4DCT case (1-5) when the DIR-Lab
+landmark files are available, otherwise by the parametric breathing model with
+the same five amplitudes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from regsam.data.fetch import cache_root, fetch_sample_ct
+from regsam.errors import InputError
+
+#: DIR-Lab 4DCT cases 1-5: in-plane spacing (mm; z is 2.5) and published mean landmark motion (mm).
+DIRLAB_MOTIONS = {
+    1: ((0.97, 0.97, 2.5), 3.89),
+    2: ((1.16, 1.16, 2.5), 4.34),
+    3: ((1.15, 1.15, 2.5), 6.94),
+    4: ((1.13, 1.13, 2.5), 9.83),
+    5: ((1.10, 1.10, 2.5), 7.48),
+}
+SIM4DCT_VERSION = "v1"
+SIM4DCT_SPACING_MM = 2.0
+
+
+def default_dirlab_landmarks_dir() -> Path | None:
+    """Where DIR-Lab landmark files are looked for: ``$REGSAM_DIRLAB_LANDMARKS``, else ``../shared/data/dirlab4dct_landmarks`` from the cwd."""
+    env = os.environ.get("REGSAM_DIRLAB_LANDMARKS")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path.cwd().parent / "shared" / "data" / "dirlab4dct_landmarks")
+    for candidate in candidates:
+        if (candidate / "Case1_300_T00_xyz.txt").is_file():
+            return candidate
+    return None
+
+
+def sim4dct_cases(
+    cache_dir: str | os.PathLike | None = None,
+    landmarks_dir: str | os.PathLike | None = None,
+    cases: tuple[int, ...] = (1, 2, 3, 4, 5),
+    spacing_mm: float = SIM4DCT_SPACING_MM,
+    rigid_offset: tuple[float, float] | None = None,
+    progress=None,
+) -> list[Path]:
+    """Build (once) and return the simulated 4DCT case folders.
+
+    Args:
+        landmarks_dir: folder with DIR-Lab ``CaseN_300_T00_xyz.txt``/``T50`` files driving the motion;
+            default :func:`default_dirlab_landmarks_dir`; parametric motion when none is found.
+        rigid_offset: (mm, degrees) extra misalignment, giving the large-offset variant of the set.
+    """
+    from regsam.data.simulate import SimulationConfig, simulate_case_from_file
+
+    landmarks = Path(landmarks_dir) if landmarks_dir else default_dirlab_landmarks_dir()
+    if landmarks_dir and not (Path(landmarks_dir) / "Case1_300_T00_xyz.txt").is_file():
+        raise InputError(f"no DIR-Lab landmark files (Case1_300_T00_xyz.txt ...) in {landmarks_dir}")
+    source = "dirlab" if landmarks else "parametric"
+    offset_tag = f"_offset{rigid_offset[0]:g}mm{rigid_offset[1]:g}deg" if rigid_offset else ""
+    root = cache_root(cache_dir) / f"sim4dct-{SIM4DCT_VERSION}-{source}-{spacing_mm:g}mm{offset_tag}"
+    ct_path = fetch_sample_ct(cache_dir)["ct"]
+    labels_path = fetch_sample_ct(cache_dir)["labels"]
+    folders = []
+    for case_id in cases:
+        folder = root / f"sim4dct_case{case_id:02d}"
+        if not (folder / "meta.json").is_file():
+            if progress:
+                progress(f"simulating {folder.name} ({source} motion) ...")
+            spacing, mean_motion = DIRLAB_MOTIONS[case_id]
+            config = SimulationConfig(
+                seed=case_id,
+                motion="landmarks" if landmarks else "parametric",
+                motion_landmarks=(
+                    (landmarks / f"Case{case_id}_300_T00_xyz.txt", landmarks / f"Case{case_id}_300_T50_xyz.txt")
+                    if landmarks
+                    else None
+                ),
+                motion_spacing=spacing if landmarks else None,
+                amplitude_mm=None if landmarks else 2.0 * mean_motion,
+                rigid_offset=rigid_offset,
+                spacing_mm=spacing_mm,
+            )
+            simulate_case_from_file(ct_path, folder, config, body_label_image=labels_path)
+        folders.append(folder)
+    return folders
+
+
+def prepared_cases(dataset: str, root: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
+    """Validate and convert a user's DIR-Lab 4DCT / COPDGene download into case folders under ``out/cases``."""
+    from regsam.data.prepare import prepare_dataset
+
+    cases = prepare_dataset(dataset, Path(root), Path(out) / "cases")
+    return [case.path for case in cases]

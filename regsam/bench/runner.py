@@ -1,0 +1,275 @@
+"""``regsam bench``: run registration methods on case folders and score them.
+
+Each (case, method) pair runs ``regsam register`` in its own process, so its
+wall time and peak memory are its own and a crash cannot stop the others. A
+pair whose ``score.json`` exists is not run again: a killed benchmark resumes.
+
+Layout of the output folder::
+
+    runs/<case>/<method>/     disp.nii.gz, warped.nii.gz, summary.json, score.json (or error.json)
+    results.json              every row, machine-readable
+    report.md, report.html    tables, box plot, slice pictures (figures/)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from regsam.data.case import Case, load_case
+from regsam.errors import InputError
+from regsam.io.atomic import atomic_path
+
+DEFAULT_METHODS = ("elastix:lung",)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and its preset as written on the command line: ``elastix:fast`` or ``sam``."""
+
+    method: str
+    preset: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}:{self.preset}" if self.preset else self.method
+
+    @classmethod
+    def parse(cls, text: str) -> MethodSpec:
+        method, _, preset = text.strip().partition(":")
+        if not method:
+            raise InputError(f"empty method name in '{text}'")
+        return cls(method, preset or None)
+
+
+def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    specs = [MethodSpec.parse(item) for item in items if item.strip()]
+    if not specs:
+        raise InputError("no method given")
+    return specs
+
+
+def find_case_folders(root: str | os.PathLike) -> list[Path]:
+    """``root`` itself if it is a case folder, else its sub-folders that look like cases (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"cases folder not found: {root}")
+    if (root / "fixed.nii.gz").exists() or (root / "moving.nii.gz").exists():
+        return [root]
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise InputError(f"no case folders in {root}")
+    return folders
+
+
+def _write_json(data: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_registration_process(
+    case: Case, spec: MethodSpec, out_dir: Path, extra_args: Sequence[str] = (), timeout_s: float | None = None
+) -> tuple[float, str | None]:
+    """Run ``regsam register`` for one case in a child process; return (wall seconds, error or None)."""
+    cmd = [sys.executable, "-m", "regsam.cli", "register", str(case.fixed), str(case.moving), "--out", str(out_dir)]
+    cmd += ["--method", spec.method]
+    if spec.preset:
+        cmd += ["--preset", spec.preset]
+    if case.fixed_mask is not None:
+        cmd += ["--fixed-mask", str(case.fixed_mask)]
+    if case.moving_mask is not None:
+        cmd += ["--moving-mask", str(case.moving_mask)]
+    cmd += list(extra_args)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - start, f"timed out after {timeout_s:.0f} s"
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        reason = _last_line(proc.stderr) or f"exit code {proc.returncode}"
+        return wall, reason.removeprefix("regsam: error: ")
+    return wall, None
+
+
+def score_registration(case: Case, run_dir: Path) -> dict:
+    """TRE per point set and Jacobian statistics of a finished registration folder."""
+    from regsam.bench.tre import jacobian_summary, map_and_score, summarize_errors
+    from regsam.data.masks import body_mask
+    from regsam.io.images import read_image
+    from regsam.io.transforms import read_displacement_field
+
+    field = read_displacement_field(run_dir / "disp.nii.gz")
+    sets = {}
+    for name, (fixed_pts, moving_pts) in case.point_sets.items():
+        errors = map_and_score(field, fixed_pts, moving_pts)
+        sets[name] = {"tre": summarize_errors(errors), "errors": errors.tolist()}
+    fixed = read_image(case.fixed)
+    jac = jacobian_summary(field, mask=body_mask(fixed))
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    return {"point_sets": sets, "jacobian_body": jac, "summary": summary}
+
+
+def initial_errors(case: Case) -> dict:
+    """Identity (no registration) TRE per point set."""
+    from regsam.bench.tre import summarize_errors
+
+    out = {}
+    for name, (fixed_pts, moving_pts) in case.point_sets.items():
+        errors = np.linalg.norm(np.asarray(moving_pts) - np.asarray(fixed_pts), axis=1)
+        out[name] = {"tre": summarize_errors(errors), "errors": errors.tolist()}
+    return out
+
+
+def _row_done(run_dir: Path) -> dict | None:
+    for file_name in ("score.json", "error.json"):
+        path = run_dir / file_name
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def run_benchmark(
+    case_dirs: Iterable[Path],
+    methods: Sequence[MethodSpec],
+    out: str | os.PathLike,
+    task: str = "register",
+    timeout_s: float | None = None,
+    progress: Callable[[str], None] | None = None,
+    rerun_failed: bool = True,
+) -> dict:
+    """Run every method on every case, score it, and write results.json and the reports.
+
+    Returns the results dictionary (also in ``out/results.json``).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda text: print(text, file=sys.stderr, flush=True))
+    case_dirs = list(case_dirs)
+    rows: list[dict] = []
+    cases_info: dict[str, dict] = {}
+    total = len(case_dirs) * len(methods)
+    step = 0
+    for case_dir in case_dirs:
+        case_name = Path(case_dir).name
+        try:
+            case = load_case(case_dir)
+            if not case.point_sets:
+                raise InputError(f"case {case_name}: no point files (fixed_points.csv / moving_points.csv)")
+            cases_info[case_name] = {"path": str(case.path), "initial": initial_errors(case), "meta": case.meta}
+        except InputError as exc:
+            for spec in methods:
+                step += 1
+                say(f"[{step}/{total}] {case_name} {spec.label}: FAILED ({exc})")
+                rows.append({"case": case_name, "method": spec.label, "status": "failed", "error": str(exc)})
+            cases_info[case_name] = {"path": str(case_dir), "error": str(exc)}
+            continue
+        for spec in methods:
+            step += 1
+            rows.append(_run_one(case, spec, out, task, timeout_s, rerun_failed, say, f"[{step}/{total}]"))
+    results = {
+        "task": task,
+        "methods": [spec.label for spec in methods],
+        "cases": cases_info,
+        "rows": rows,
+        "summary": summarize_rows(rows),
+    }
+    _write_json(results, out / "results.json")
+    from regsam.bench.report import write_reports
+
+    write_reports(results, out)
+    return results
+
+
+def _run_one(case: Case, spec: MethodSpec, out: Path, task: str, timeout_s, rerun_failed: bool, say, prefix: str) -> dict:
+    run_dir = out / "runs" / case.name / spec.label.replace(":", "_")
+    done = _row_done(run_dir)
+    if done is not None and (done.get("status") == "ok" or not rerun_failed):
+        say(f"{prefix} {case.name} {spec.label}: already done")
+        return done
+    say(f"{prefix} {case.name} {spec.label}: running ...")
+    if task == "register":
+        wall, error = run_registration_process(case, spec, run_dir, timeout_s=timeout_s)
+        row: dict = {"case": case.name, "method": spec.label, "wall_s": wall}
+        if error is None:
+            try:
+                row.update(status="ok", **score_registration(case, run_dir))
+            except (InputError, RuntimeError, OSError) as exc:
+                error = f"scoring failed: {exc}"
+    elif task == "match":
+        from regsam.bench.match_task import run_match_task
+
+        row = {"case": case.name, "method": spec.label}
+        start = time.perf_counter()
+        try:
+            row.update(status="ok", **run_match_task(case, spec, run_dir))
+            error = None
+        except InputError as exc:
+            error = str(exc)
+        row["wall_s"] = time.perf_counter() - start
+    else:
+        raise InputError(f"unknown task '{task}' (register or match)")
+    if error is not None:
+        row.update(status="failed", error=error)
+        _write_json(row, run_dir / "error.json")
+        say(f"{prefix} {case.name} {spec.label}: FAILED ({error})")
+        return row
+    (run_dir / "error.json").unlink(missing_ok=True)
+    _write_json(row, run_dir / "score.json")
+    main = row["point_sets"].get("points") or next(iter(row["point_sets"].values()))
+    say(f"{prefix} {case.name} {spec.label}: TRE {main['tre']['mean']:.2f} mm, {row['wall_s']:.1f} s")
+    return row
+
+
+def summarize_rows(rows: list[dict], point_set: str = "points") -> dict[str, dict]:
+    """Per method: mean over cases of each case's TRE statistics, wall time and memory (successful rows only)."""
+    summary: dict[str, dict] = {}
+    for method in dict.fromkeys(row["method"] for row in rows):
+        ok = [r for r in rows if r["method"] == method and r.get("status") == "ok" and point_set in r.get("point_sets", {})]
+        entry: dict = {"cases_ok": len(ok), "cases_failed": sum(1 for r in rows if r["method"] == method and r.get("status") != "ok")}
+        if ok:
+            all_errors = np.concatenate([r["point_sets"][point_set]["errors"] for r in ok])
+            entry["tre_mean_of_cases"] = float(np.mean([r["point_sets"][point_set]["tre"]["mean"] for r in ok]))
+            entry["tre_all_points"] = {
+                "mean": float(all_errors.mean()),
+                "median": float(np.median(all_errors)),
+                "p95": float(np.percentile(all_errors, 95)),
+                "max": float(all_errors.max()),
+                "pct_under_2mm": float(100.0 * np.mean(all_errors < 2.0)),
+            }
+            entry["wall_s_mean"] = float(np.mean([r["wall_s"] for r in ok]))
+            mems = [r.get("summary", {}).get("peak_memory_mb") for r in ok]
+            mems = [m for m in mems if m is not None]
+            entry["peak_memory_mb_max"] = float(max(mems)) if mems else None
+            folds = [r.get("jacobian_body", {}).get("folding_share") for r in ok]
+            folds = [f for f in folds if f is not None]
+            entry["folding_share_max"] = float(max(folds)) if folds else None
+        summary[method] = entry
+    return summary
