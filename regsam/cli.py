@@ -52,11 +52,13 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _cmd_data_simulate(args: argparse.Namespace) -> int:
     from regsam.data.simulate import SimulationConfig, simulate_case_from_file
 
-    if args.motion_landmarks and args.motion != "landmarks":
+    if args.motion_landmarks and args.motion == "parametric":
         raise InputError("--motion-landmarks is only used with --motion landmarks (the default when given)")
+    if args.motion_spacing and not args.motion_landmarks:
+        raise InputError("--motion-spacing is only used with --motion-landmarks")
     config = SimulationConfig(
         seed=args.seed,
-        motion="landmarks" if args.motion_landmarks else args.motion,
+        motion="landmarks" if args.motion_landmarks else (args.motion or "parametric"),
         motion_landmarks=tuple(Path(p) for p in args.motion_landmarks) if args.motion_landmarks else None,
         motion_spacing=_floats(args.motion_spacing, 3, "--motion-spacing") if args.motion_spacing else None,
         rigid_offset=_floats(args.rigid_offset, 2, "--rigid-offset") if args.rigid_offset else None,
@@ -93,7 +95,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ct", help="3D CT image (HU)")
     p.add_argument("--out", required=True, help="case folder to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--motion", choices=["landmarks", "parametric"], default="parametric")
+    p.add_argument("--motion", choices=["landmarks", "parametric"], default=None,
+                   help="lung motion model (default: landmarks when --motion-landmarks is given, else parametric)")
     p.add_argument("--motion-landmarks", nargs=2, metavar=("T00", "T50"), help="DIR-Lab _xyz.txt pair driving the lung motion")
     p.add_argument("--motion-spacing", help="SX,SY,SZ voxel spacing (mm) of the landmark files' scan")
     p.add_argument("--rigid-offset", help="MM,DEGREES: extra rigid misalignment (translation length, rotation angle)")
