@@ -119,7 +119,7 @@ def run_registration_process(
 def score_registration(case: Case, run_dir: Path) -> dict:
     """TRE per point set and Jacobian statistics of a finished registration folder."""
     from regsam.bench.tre import jacobian_summary, map_and_score, summarize_errors
-    from regsam.data.masks import body_mask
+    from regsam.data.masks import threshold_masks
     from regsam.io.images import read_image
     from regsam.io.transforms import read_displacement_field
 
@@ -128,8 +128,12 @@ def score_registration(case: Case, run_dir: Path) -> dict:
     for name, (fixed_pts, moving_pts) in case.point_sets.items():
         errors = map_and_score(field, fixed_pts, moving_pts)
         sets[name] = {"tre": summarize_errors(errors), "errors": errors.tolist()}
-    fixed = read_image(case.fixed)
-    jac = jacobian_summary(field, mask=body_mask(fixed))
+    try:
+        body, _ = threshold_masks(read_image(case.fixed))
+    except InputError:
+        body = None  # no lungs found by thresholds: count folding over the whole fixed grid
+    jac = jacobian_summary(field, mask=body)
+    jac["over"] = "body" if body is not None else "grid"
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     return {"point_sets": sets, "jacobian_body": jac, "summary": summary}
 
