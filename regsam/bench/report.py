@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from regsam.bench.runner import peak_memory_mb
 from regsam.io.atomic import atomic_path
 
 POINT_SET = "points"
@@ -61,7 +62,7 @@ def table_rows(results: dict, point_set: str = POINT_SET) -> list[dict[str, str]
             pct_under_2mm=_fmt(tre.get("pct_under_2mm"), 1),
             folding=_fmt(None if fold is None else 100.0 * fold, 3),
             wall_s=_fmt(row.get("wall_s"), 1),
-            peak_mb=_fmt(row.get("summary", {}).get("peak_memory_mb"), 0),
+            peak_mb=_fmt(peak_memory_mb(row), 0),
         )
         rows.append(cells)
     return rows

@@ -252,6 +252,12 @@ def _run_one(case: Case, spec: MethodSpec, out: Path, task: str, timeout_s, reru
     return row
 
 
+def peak_memory_mb(row: dict) -> float | None:
+    """Peak resident memory (MB) of a run, as recorded in its summary.json."""
+    value = row.get("summary", {}).get("peak_memory_mb")
+    return value.get("max") if isinstance(value, dict) else value
+
+
 def summarize_rows(rows: list[dict], point_set: str = "points") -> dict[str, dict]:
     """Per method: mean over cases of each case's TRE statistics, wall time and memory (successful rows only)."""
     summary: dict[str, dict] = {}
@@ -269,8 +275,7 @@ def summarize_rows(rows: list[dict], point_set: str = "points") -> dict[str, dic
                 "pct_under_2mm": float(100.0 * np.mean(all_errors < 2.0)),
             }
             entry["wall_s_mean"] = float(np.mean([r["wall_s"] for r in ok]))
-            mems = [r.get("summary", {}).get("peak_memory_mb") for r in ok]
-            mems = [m for m in mems if m is not None]
+            mems = [m for m in (peak_memory_mb(r) for r in ok) if m is not None]
             entry["peak_memory_mb_max"] = float(max(mems)) if mems else None
             folds = [r.get("jacobian_body", {}).get("folding_share") for r in ok]
             folds = [f for f in folds if f is not None]

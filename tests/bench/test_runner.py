@@ -60,7 +60,7 @@ def test_bench_scores_resumes_and_reports_failures(chest_crop_path, tmp_path):
     assert initial == pytest.approx(np.linalg.norm([0, 4, 6]), abs=1e-3)
     assert final < 0.25 * initial
     assert rows["good"]["jacobian_body"]["folding_share"] == 0.0
-    assert rows["good"]["summary"]["peak_memory_mb"] > 0
+    assert rows["good"]["summary"]["peak_memory_mb"]["max"] > 0
     assert rows["missing_moving"]["status"] == "failed" and "moving.nii.gz" in rows["missing_moving"]["error"]
     assert rows["uneven_points"]["status"] == "failed" and "points" in rows["uneven_points"]["error"]
     assert any("FAILED" in m for m in messages) and any("TRE" in m for m in messages)
