@@ -137,6 +137,38 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_register)
 
 
+# ---------------------------------------------------------------- apply a result
+def _cmd_warp(args: argparse.Namespace) -> int:
+    from regsam.register.apply import warp_file
+
+    print(f"wrote {warp_file(args.image, args.transform, args.out, args.interpolator, args.reference)}")
+    return 0
+
+
+def _cmd_transform_points(args: argparse.Namespace) -> int:
+    from regsam.register.apply import transform_points_file
+
+    print(f"wrote {transform_points_file(args.points, args.transform, args.out, args.reference)}")
+    return 0
+
+
+def _add_apply(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("warp", help="warp a moving-space image onto the fixed grid with a registration result")
+    p.add_argument("image", help="image in moving space (CT, labels, mask)")
+    p.add_argument("--transform", required=True, help="result folder of 'regsam register', a field file, or a .tfm")
+    p.add_argument("--out", required=True, help="output image")
+    p.add_argument("--interpolator", choices=["linear", "nearest", "bspline"], default="linear", help="nearest for labels")
+    p.add_argument("--reference", default=None, help="fixed image giving the output grid (default: the field's grid)")
+    p.set_defaults(func=_cmd_warp)
+
+    p = sub.add_parser("transform-points", help="map fixed-space points into moving space (x + u(x))")
+    p.add_argument("points", help="points file: .csv (x,y,z mm), _xyz.txt, elastix .txt/.pts, .mrk.json, .fcsv")
+    p.add_argument("--transform", required=True, help="result folder of 'regsam register', a field file, or a .tfm")
+    p.add_argument("--out", required=True, help="output points file; format from its extension")
+    p.add_argument("--reference", default=None, help="image that voxel-index point files refer to")
+    p.set_defaults(func=_cmd_transform_points)
+
+
 # ---------------------------------------------------------------- bench
 def _bench_case_dirs(args: argparse.Namespace) -> list[Path]:
     from regsam.bench.datasets import prepared_cases, sim4dct_cases
@@ -202,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
     _add_register(sub)
+    _add_apply(sub)
     _add_bench(sub)
     _add_demo(sub)
     return parser
