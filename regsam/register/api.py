@@ -179,3 +179,13 @@ def run_register_command(
         "options": options,
     }
     return result.save(out_dir, summary_extra={"command": command}, fixed_mask=fixed_mask)
+
+
+def _convexadam(fixed: sitk.Image, moving: sitk.Image, **kwargs) -> RegistrationResult:
+    """ConvexAdam (convexadam==0.2.0), presets ``lung`` (default), ``default``, ``fast``; see ``register_convexadam``."""
+    from regsam.register.convexadam import register_convexadam
+
+    return register_convexadam(fixed, moving, **kwargs)
+
+
+METHODS["convexadam"] = _convexadam

@@ -1,0 +1,464 @@
+"""Per-pair deformable refinement by gradient descent (Adam), multi-resolution, on CPU or GPU.
+
+Starting from an initial mapping ``T0`` (fixed -> moving: an affine, the coarse field of
+:mod:`regsam.register.coarse`, any transform or field, or identity), a residual displacement
+``r`` on a working grid over the fixed image is optimised so that the final mapping
+
+    x  ->  T0(x + r(x))            (displacement u(x) = r(x) + u0(x + r(x)))
+
+aligns the images. The moving image (and moving features) are resampled once through ``T0``
+onto each level's grid (SimpleITK, world coordinates), so the optimisation only warps
+same-grid tensors with :class:`monai.networks.blocks.Warp`.
+
+Loss (per level, optionally weighted by a fixed mask):
+
+* ``weight_image`` x image dissimilarity: ``lncc`` (:class:`monai.losses.LocalNormalizedCrossCorrelationLoss`,
+  in [-1, 0]) or ``mind`` (mean squared difference of MIND-SSC descriptors, :func:`mind_ssc`);
+  CT intensities are clipped to [-1000, 400] HU and scaled to [0, 1];
+* ``weight_embed`` x (1 - cosine similarity) between fixed and warped moving feature maps
+  (e.g. SAM embeddings; skipped when no features are given);
+* ``weight_smooth`` x :class:`monai.losses.BendingEnergyLoss` or ``DiffusionLoss`` (``normalize=True``:
+  roughly independent of the grid resolution) of the displacement (of the velocity when diffeomorphic).
+
+``diffeomorphic=True`` parametrises ``r`` as the exponential of a stationary velocity field
+(:class:`monai.networks.blocks.DVF2DDF`, scaling and squaring). The result is upsampled
+(linearly) from the working grid to the fixed grid. Folding is checked on the returned field
+(det J of x -> x + u(x) on the fixed grid); if any voxel folds, the residual is smoothed with a
+growing Gaussian until none does, and if the initial mapping itself folds, the whole field is
+smoothed as well (reported in ``info["folding_fix"]``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from regsam.errors import InputError
+from regsam.io.images import check_volume
+from regsam.io.transforms import TransformLike, as_transform, check_displacement_field, jacobian_determinant
+from regsam.register import torch_fields as tf
+
+#: HU window mapped to [0, 1] for the image similarity.
+HU_RANGE = (-1000.0, 400.0)
+
+#: Compute budgets. ``iterations`` lists the Adam steps per level, coarsest first; level ``l`` of ``levels``
+#: has spacing ``spacing_mm * 2 ** (levels - 1 - l)``. ``lr`` is in voxels of the level per step.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {
+        "spacing_mm": 4.0,
+        "levels": 2,
+        "iterations": (80, 50),
+        "lr": 0.1,
+        "similarity": "lncc",
+        "lncc_kernel": 5,
+        "weight_image": 1.0,
+        "weight_embed": 1.0,
+        "weight_smooth": 0.01,
+        "regulariser": "bending",
+        "param_smoothing": 1,
+        "diffeomorphic": False,
+        "integration_steps": 7,
+        "mind_radius": 1,
+        "mind_dilation": 2,
+    },
+    "accurate": {
+        "spacing_mm": 2.0,
+        "levels": 3,
+        "iterations": (120, 100, 60),
+        "lr": 0.1,
+        "similarity": "lncc",
+        "lncc_kernel": 7,
+        "weight_image": 1.0,
+        "weight_embed": 1.0,
+        "weight_smooth": 0.01,
+        "regulariser": "bending",
+        "param_smoothing": 1,
+        "diffeomorphic": False,
+        "integration_steps": 7,
+        "mind_radius": 1,
+        "mind_dilation": 2,
+    },
+}
+DEFAULT_PRESET = "fast"
+
+
+@dataclass
+class DeformableResult:
+    """Outcome of :func:`refine_deformable`.
+
+    Attributes:
+        field: ``sitkVectorFloat64`` displacement on the fixed grid (mm, world LPS, fixed x -> moving x + u(x)).
+        folding_share: share of fixed-grid voxels with det J <= 0 (0 unless the fold repair failed).
+        info: settings used, loss per level (first/last), timings (s), folding repair report.
+    """
+
+    field: sitk.Image
+    folding_share: float
+    info: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ MIND-SSC
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptors (Heinrich et al., MICCAI 2013) of a (B, 1, D, H, W) image -> (B, 12, D, H, W).
+
+    Patch distances (box of side ``2 * radius + 1``) between the 12 pairs of the 6-neighbourhood at
+    squared distance 2 (neighbours ``dilation`` voxels away), normalised by their mean and mapped through exp(-x).
+    """
+    six = torch.tensor([[0, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 2], [2, 1, 1], [1, 2, 1]])
+    pairs = [(i, j) for i in range(6) for j in range(i + 1, 6) if int(((six[i] - six[j]) ** 2).sum()) == 2]
+    k1 = torch.zeros(len(pairs), 1, 3, 3, 3, dtype=image.dtype, device=image.device)
+    k2 = torch.zeros_like(k1)
+    for n, (i, j) in enumerate(pairs):
+        k1[(n, 0, *six[i].tolist())] = 1.0
+        k2[(n, 0, *six[j].tolist())] = 1.0
+    padded = F.pad(image, [dilation] * 6, mode="replicate")
+    diff = F.conv3d(padded, k1, dilation=dilation) - F.conv3d(padded, k2, dilation=dilation)
+    ssd = F.avg_pool3d(F.pad(diff * diff, [radius] * 6, mode="replicate"), 2 * radius + 1, stride=1)
+    mind = ssd - ssd.min(dim=1, keepdim=True).values
+    var = mind.mean(dim=1, keepdim=True)
+    mean_var = var.mean()
+    var = torch.clamp(var, min=float(mean_var) * 1e-3 + 1e-12, max=float(mean_var) * 1e3 + 1e-12)
+    return torch.exp(-mind / var)
+
+
+# ------------------------------------------------------------------ helpers
+def _config(preset: str | None, overrides: dict) -> dict:
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise InputError(f"unknown deformable preset '{name}' (known: {', '.join(sorted(PRESETS))})")
+    cfg = dict(PRESETS[name])
+    unknown = sorted(set(overrides) - set(cfg))
+    if unknown:
+        raise InputError(f"unknown deformable option(s) {', '.join(unknown)} (known: {', '.join(sorted(cfg))})")
+    cfg.update(overrides)
+    cfg["iterations"] = tuple(int(i) for i in np.atleast_1d(cfg["iterations"]))
+    if len(cfg["iterations"]) != int(cfg["levels"]):
+        if len(cfg["iterations"]) == 1:
+            cfg["iterations"] = cfg["iterations"] * int(cfg["levels"])
+        else:
+            raise InputError(f"iterations {cfg['iterations']} must list one count per level ({cfg['levels']} levels)")
+    if cfg["similarity"] not in ("lncc", "mind"):
+        raise InputError(f"similarity must be 'lncc' or 'mind', got {cfg['similarity']!r}")
+    if cfg["regulariser"] not in ("bending", "diffusion"):
+        raise InputError(f"regulariser must be 'bending' or 'diffusion', got {cfg['regulariser']!r}")
+    if float(cfg["spacing_mm"]) <= 0 or int(cfg["levels"]) < 1:
+        raise InputError("spacing_mm must be positive and levels >= 1")
+    cfg["preset"] = name
+    return cfg
+
+
+def _normalise_ct(image: sitk.Image) -> sitk.Image:
+    lo, hi = HU_RANGE
+    clipped = sitk.Clamp(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkFloat32, lo, hi)
+    return (clipped - lo) / (hi - lo)
+
+
+def _antialias(image: sitk.Image, spacing: np.ndarray) -> sitk.Image:
+    """Gaussian pre-smoothing (mm) before sampling ``image`` at a coarser ``spacing``."""
+    own = np.array(image.GetSpacing())
+    sigma = 0.5 * np.sqrt(np.maximum(spacing**2 - own**2, 0.0))
+    if np.all(sigma < 0.3 * own):
+        return image
+    return sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
+
+
+def _resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, default: float) -> sitk.Image:
+    return sitk.Resample(image, grid, transform, sitk.sitkLinear, float(default), sitk.sitkFloat32)
+
+
+def _smooth_param(theta: torch.Tensor, passes: int) -> torch.Tensor:
+    out = theta
+    for _ in range(int(passes)):
+        out = F.avg_pool3d(F.pad(out, [1] * 6, mode="replicate"), 3, stride=1)
+    return out
+
+
+def _as_feature_tensor(values, name: str) -> torch.Tensor:
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(np.ascontiguousarray(values))
+    if not isinstance(values, torch.Tensor):
+        raise InputError(f"{name} must be a torch tensor or numpy array (C, D, H, W), got {type(values).__name__}")
+    if values.dim() == 5 and values.shape[0] == 1:
+        values = values[0]
+    if values.dim() != 4:
+        raise InputError(f"{name} must have shape (C, D, H, W), got {tuple(values.shape)}")
+    values = values.detach().to("cpu", torch.float32)
+    if not torch.isfinite(values).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return values
+
+
+def _feature_geometry(values: torch.Tensor, geometry: sitk.Image | None, image: sitk.Image, name: str) -> sitk.Image:
+    if geometry is None:
+        return tf.pooled_geometry(image, tuple(values.shape[1:]))
+    if tuple(geometry.GetSize()[::-1]) != tuple(values.shape[1:]):
+        raise InputError(
+            f"{name}: geometry size {geometry.GetSize()} (x, y, z) does not match the feature shape {tuple(values.shape[1:])} (D, H, W)"
+        )
+    return geometry
+
+
+def _unit(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return features / features.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def _weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return values.mean()
+    w = weight.expand_as(values)
+    return (values * w).sum() / w.sum().clamp_min(1e-6)
+
+
+def _initial_transform(initial: TransformLike | None) -> sitk.Transform:
+    if initial is None:
+        return sitk.Transform()
+    if isinstance(initial, sitk.Image):
+        return sitk.DisplacementFieldTransform(check_displacement_field(initial, "initial field"))
+    return as_transform(initial)
+
+
+def _mask_on(mask: sitk.Image | None, grid: sitk.Image, device: torch.device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    on = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    t = tf.image_to_tensor(on, device)
+    t = (t > 0.01).to(t.dtype)
+    if float(t.sum()) < 8:
+        return None
+    return t
+
+
+# ------------------------------------------------------------------ main entry
+def refine_deformable(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    initial: TransformLike | None = None,
+    *,
+    preset: str | None = None,
+    fixed_mask: sitk.Image | None = None,
+    fixed_features: torch.Tensor | np.ndarray | None = None,
+    moving_features: torch.Tensor | np.ndarray | None = None,
+    fixed_feature_geometry: sitk.Image | None = None,
+    moving_feature_geometry: sitk.Image | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    max_fold_repairs: int = 8,
+    **overrides,
+) -> DeformableResult:
+    """Refine ``initial`` (fixed -> moving) by optimising a dense residual displacement.
+
+    Args:
+        fixed, moving: 3D CT volumes (HU), any grids; world coordinates relate them.
+        initial: the starting fixed -> moving mapping: a SimpleITK transform, a displacement field
+            (e.g. :func:`regsam.register.coarse.fit_smooth_field`), or ``None`` (identity).
+        preset: ``fast`` (default: 4 mm, 2 levels) or ``accurate`` (2 mm, 3 levels); see :data:`PRESETS`.
+        fixed_mask: optional mask (non-zero inside, any grid) weighting the similarity terms.
+        fixed_features, moving_features: optional feature maps (C, D, H, W) (torch or numpy) of the
+            fixed and moving images, both given or neither. With ``*_feature_geometry`` ``None`` a map
+            is taken to tile its image's field of view in equal blocks (:func:`torch_fields.pooled_geometry`);
+            otherwise the geometry image's grid (size x, y, z = W, H, D) places it in the world
+            (e.g. ``Embedding.fine_geometry``).
+        device: ``'cpu'`` or ``'cuda'``.
+        seed: torch seed (the optimisation is deterministic on CPU).
+        max_fold_repairs: Gaussian smoothing rounds tried when the result folds: first of the residual
+            (sigma 0.5, 1, ... working voxels), then, should the initial mapping itself fold, of the whole field.
+        overrides: any key of the preset (``iterations``, ``weight_smooth``, ``diffeomorphic``, ...).
+
+    Returns:
+        :class:`DeformableResult` whose ``field`` lies on the fixed grid.
+
+    Raises:
+        InputError: bad images, mask, features, preset or options.
+    """
+    from monai.losses import BendingEnergyLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+
+    t_start = time.perf_counter()
+    check_volume(fixed, "fixed image")
+    check_volume(moving, "moving image")
+    cfg = _config(preset, overrides)
+    dev = tf.resolve_device(device)
+    torch.manual_seed(int(seed))
+    if (fixed_features is None) != (moving_features is None):
+        raise InputError("give both fixed_features and moving_features, or neither")
+    t0 = _initial_transform(initial)
+    levels = int(cfg["levels"])
+    base = float(cfg["spacing_mm"])
+    work = tf.corner_aligned_grid(fixed, base)
+    grids = [tf.corner_aligned_grid(fixed, base * 2 ** (levels - 1 - lvl)) for lvl in range(levels)]
+    timings: dict[str, float] = {}
+
+    # ---------------------------------------------------------- inputs on every level
+    t = time.perf_counter()
+    fixed_n = _normalise_ct(fixed)
+    moving_n = _normalise_ct(moving)
+    moving_default = 0.0  # air after normalisation (-1024 HU clipped)
+    level_data = []
+    for grid in grids:
+        spacing = np.array(grid.GetSpacing())
+        f_img = tf.image_to_tensor(_resample(_antialias(fixed_n, spacing), grid, sitk.Transform(), 0.0), dev)
+        m_img = tf.image_to_tensor(_resample(_antialias(moving_n, spacing), grid, t0, moving_default), dev)
+        if cfg["similarity"] == "mind":
+            f_img = mind_ssc(f_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
+            m_img = mind_ssc(m_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
+        level_data.append({"grid": grid, "fixed": f_img, "moving": m_img, "mask": _mask_on(fixed_mask, grid, dev)})
+    timings["prepare"] = time.perf_counter() - t
+
+    feat = None
+    use_embed = fixed_features is not None and float(cfg["weight_embed"]) > 0
+    if use_embed:
+        t = time.perf_counter()
+        ff = _as_feature_tensor(fixed_features, "fixed_features")
+        mf = _as_feature_tensor(moving_features, "moving_features")
+        if ff.shape[0] != mf.shape[0]:
+            raise InputError(f"fixed features have {ff.shape[0]} channels but moving features {mf.shape[0]}")
+        f_geo = _feature_geometry(ff, fixed_feature_geometry, fixed, "fixed_features")
+        m_geo = _feature_geometry(mf, moving_feature_geometry, moving, "moving_features")
+        feat_spacing = max(float(np.min(f_geo.GetSpacing())), base)
+        fgrid = tf.corner_aligned_grid(fixed, feat_spacing)
+        f_on = tf.sample_world(ff, f_geo, fgrid).to(dev)
+        m_on = tf.sample_world(mf, m_geo, fgrid, transform=t0 if initial is not None else None).to(dev)
+        feat = {"grid": fgrid, "fixed": _unit(f_on[None]), "moving": m_on[None], "mask": _mask_on(fixed_mask, fgrid, dev)}
+        timings["features"] = time.perf_counter() - t
+
+    # ---------------------------------------------------------- optimisation
+    warp = tf.make_warp(padding_mode="border")
+    warp_features = tf.make_warp(padding_mode="border")  # Warp caches its grid per shape: one per grid
+    to_ddf = tf.make_dvf2ddf(int(cfg["integration_steps"])) if cfg["diffeomorphic"] else None
+    lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=int(cfg["lncc_kernel"]), reduction="none").to(dev)
+    regulariser = (BendingEnergyLoss if cfg["regulariser"] == "bending" else DiffusionLoss)(normalize=True)
+
+    def displacement(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """theta -> (voxel ddf of r, the field the regulariser sees)."""
+        smooth = _smooth_param(theta, int(cfg["param_smoothing"]))
+        if to_ddf is not None:
+            return to_ddf(smooth), smooth
+        return smooth, smooth
+
+    history = []
+    theta = None
+    prev_mm = None
+    t = time.perf_counter()
+    for lvl, data in enumerate(level_data):
+        grid = data["grid"]
+        shape = tf.grid_shape(grid)
+        spacing = tf.spacing_zyx(grid, dev)
+        if prev_mm is None:
+            start = torch.zeros((1, 3) + shape, device=dev)
+        else:
+            start = tf.resize_local_mm(prev_mm, shape) / spacing
+        theta = start.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([theta], lr=float(cfg["lr"]))
+        f_sim_mask = data["mask"]
+        losses = []
+        for _ in range(cfg["iterations"][lvl]):
+            optimizer.zero_grad()
+            ddf, reg_field = displacement(theta)
+            loss = torch.zeros((), device=dev)
+            if float(cfg["weight_image"]) > 0:
+                warped = warp(data["moving"], ddf)
+                if cfg["similarity"] == "lncc":
+                    sim = _weighted_mean(lncc(warped, data["fixed"]), f_sim_mask)
+                else:
+                    sim = _weighted_mean(((warped - data["fixed"]) ** 2).sum(dim=1, keepdim=True), f_sim_mask)
+                loss = loss + float(cfg["weight_image"]) * sim
+            if feat is not None:
+                ddf_mm = ddf * spacing
+                fshape = tf.grid_shape(feat["grid"])
+                fddf = tf.resize_local_mm(ddf_mm, fshape) / tf.spacing_zyx(feat["grid"], dev)
+                moved = _unit(warp_features(feat["moving"], fddf))
+                dissim = 1.0 - (moved * feat["fixed"]).sum(dim=1, keepdim=True)
+                loss = loss + float(cfg["weight_embed"]) * _weighted_mean(dissim, feat["mask"])
+            if float(cfg["weight_smooth"]) > 0:
+                with warnings.catch_warnings():  # MONAI indexes with lists of slices; torch warns on every call
+                    warnings.simplefilter("ignore", UserWarning)
+                    loss = loss + float(cfg["weight_smooth"]) * regulariser(reg_field)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        with torch.no_grad():
+            ddf, _ = displacement(theta)
+            prev_mm = (ddf * spacing).detach()
+            if to_ddf is not None:  # carry the velocity (not its exponential) to the next level
+                prev_mm = (_smooth_param(theta, int(cfg["param_smoothing"])) * spacing).detach()
+        history.append({"spacing_mm": [float(s) for s in grid.GetSpacing()], "size": list(grid.GetSize()),
+                        "iterations": cfg["iterations"][lvl], "loss_first": losses[0] if losses else None,
+                        "loss_last": losses[-1] if losses else None})
+    timings["optimise"] = time.perf_counter() - t
+
+    # ---------------------------------------------------------- final field, fold check and repair
+    t = time.perf_counter()
+    with torch.no_grad():
+        ddf_work, _ = displacement(theta)  # finest level grid == work grid
+        ddf_work = ddf_work.detach()
+    u0_local = tf.transform_to_local_mm(t0, work, dev) if initial is not None else None
+    fixed_geo = _geometry_of(fixed)
+
+    def final_field(ddf_vox: torch.Tensor, total_sigma: float = 0.0) -> sitk.Image:
+        """u = r + u0(x + r) on the working grid (optionally Gaussian-smoothed), resampled onto the fixed grid."""
+        with torch.no_grad():
+            r_local = ddf_vox * tf.spacing_zyx(work, dev)
+            total = r_local if u0_local is None else r_local + warp(u0_local, ddf_vox)
+            if total_sigma > 0:
+                total = tf.gaussian_blur(total, [total_sigma] * 3)
+        on_work = tf.local_mm_to_field(total, work)
+        if tf.grid_shape(work) == tf.grid_shape(fixed_geo):
+            on_work.CopyInformation(fixed_geo)
+            return on_work
+        return sitk.Resample(on_work, fixed_geo, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+
+    def min_det(image: sitk.Image) -> tuple[float, float]:
+        det = sitk.GetArrayFromImage(jacobian_determinant(image))
+        return float(det.min()), float(np.mean(det <= 0))
+
+    # Repair, mildest first: smooth the optimised residual r (sigma 0.5, 1, ... working voxels); if the
+    # initial mapping itself folds, that cannot help, so then the whole field is smoothed as well.
+    result = final_field(ddf_work)
+    lowest, share = min_det(result)
+    repair = {"folded_before": share, "min_det_before": lowest, "residual_sigma_voxels": 0.0, "field_sigma_voxels": 0.0}
+    repairs = 0
+    smoothed = ddf_work
+    while lowest <= 0 and repairs < max_fold_repairs:
+        repairs += 1
+        repair["residual_sigma_voxels"] = 0.5 * repairs
+        smoothed = tf.gaussian_blur(ddf_work, [0.5 * repairs] * 3)
+        result = final_field(smoothed)
+        lowest, share = min_det(result)
+    extra = 0
+    while lowest <= 0 and extra < max_fold_repairs:
+        extra += 1
+        repair["field_sigma_voxels"] = 0.5 * extra
+        result = final_field(smoothed, total_sigma=0.5 * extra)
+        lowest, share = min_det(result)
+    repair.update({"repairs": repairs + extra, "folded_after": share, "min_det_after": lowest})
+    det_share = share
+    timings["finalise"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+
+    info = {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+        "working_grid": {"size": list(work.GetSize()), "spacing_mm": [float(s) for s in work.GetSpacing()]},
+        "levels": history,
+        "embedding_term": feat is not None,
+        "feature_grid": None if feat is None else {"size": list(feat["grid"].GetSize()),
+                                                   "spacing_mm": [float(s) for s in feat["grid"].GetSpacing()]},
+        "folding_fix": repair,
+        "timings": timings,
+        "device": str(dev),
+    }
+    return DeformableResult(field=result, folding_share=det_share, info=info)
+
+
+def _geometry_of(image: sitk.Image) -> sitk.Image:
+    ref = sitk.Image([int(s) for s in image.GetSize()], sitk.sitkUInt8)
+    ref.CopyInformation(image)
+    return ref
+
+
+__all__ = ["PRESETS", "DeformableResult", "mind_ssc", "refine_deformable", "HU_RANGE"]

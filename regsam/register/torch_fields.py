@@ -1,0 +1,267 @@
+"""The one place where SimpleITK geometry meets torch tensors.
+
+Conventions
+-----------
+* A scalar image becomes a tensor ``(1, 1, D, H, W)`` whose array is
+  ``sitk.GetArrayFromImage(image)``: tensor axis 2, 3, 4 = image index z, y, x.
+* A displacement field (``sitkVectorFloat64`` on a grid; world LPS vectors in mm, fixed ``x`` ->
+  moving ``x + u(x)``) has two tensor forms, both ``(1, 3, D, H, W)`` with channel ``k`` along tensor
+  axis ``2 + k`` (i.e. channels are the grid's **z, y, x** index axes):
+
+  - *local mm*: the displacement in mm projected on the grid axes (``D^T u``, reordered z, y, x);
+  - *voxel ddf*: local mm divided by the grid spacing of each axis. This is what
+    :class:`monai.networks.blocks.Warp` expects: ``Warp()(image, ddf)`` samples ``image`` at voxel
+    ``i + ddf[:, :, i]`` with channel ``k`` displacing along tensor spatial axis ``k``
+    (``align_corners=True``: voxel centres at integer indices). Checked by
+    ``tests/register/test_deformable.py`` with a planted shift along each axis separately.
+
+* Grids used for optimisation are *corner-aligned* with the fixed grid
+  (:func:`corner_aligned_grid`): same origin, direction and first/last voxel centres, only the
+  number of voxels (and hence the spacing) differs. Every fixed voxel centre therefore lies inside
+  such a grid, fields interpolate onto the fixed grid without extrapolation, and a tensor moves
+  between two of these grids with ``F.interpolate(..., mode="trilinear", align_corners=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from regsam.errors import InputError
+from regsam.io.transforms import TransformLike, check_displacement_field, transform_to_field
+
+DeviceLike = str | torch.device
+
+
+# ------------------------------------------------------------------ devices
+def resolve_device(device: DeviceLike = "cpu") -> torch.device:
+    """``torch.device`` for ``'cpu'``/``'cuda'``/``'cuda:N'``; :class:`InputError` if CUDA is asked for but absent."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' requested but CUDA is not available; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device must be 'cpu' or 'cuda', got '{device}'")
+    return dev
+
+
+# ------------------------------------------------------------------ geometry
+def direction_matrix(image: sitk.Image) -> np.ndarray:
+    """3x3 direction matrix (columns = world directions of the index axes x, y, z)."""
+    return np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+
+
+def empty_like_grid(size_xyz: Sequence[int], origin, spacing, direction) -> sitk.Image:
+    """A uint8 image carrying only a grid (size x, y, z; origin/spacing mm; direction)."""
+    ref = sitk.Image([int(s) for s in size_xyz], sitk.sitkUInt8)
+    ref.SetOrigin([float(v) for v in origin])
+    ref.SetSpacing([float(v) for v in spacing])
+    ref.SetDirection([float(v) for v in np.asarray(direction, dtype=np.float64).ravel()])
+    return ref
+
+
+def corner_aligned_grid(
+    reference: sitk.Image, spacing_mm: float | Sequence[float] | None = None, size_xyz: Sequence[int] | None = None
+) -> sitk.Image:
+    """A grid spanning the same first/last voxel centres as ``reference`` (empty uint8 image).
+
+    Give either ``spacing_mm`` (target spacing, rounded so the extent is kept; at least 4 voxels per
+    axis) or ``size_xyz`` (voxel counts, x, y, z). Origin and direction are ``reference``'s.
+    """
+    n_ref = np.array(reference.GetSize(), dtype=np.int64)
+    h_ref = np.array(reference.GetSpacing(), dtype=np.float64)
+    extent = (n_ref - 1) * h_ref
+    if size_xyz is None:
+        if spacing_mm is None:
+            raise InputError("corner_aligned_grid needs spacing_mm or size_xyz")
+        target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+        if np.any(target <= 0):
+            raise InputError(f"grid spacing must be positive, got {spacing_mm}")
+        size = np.maximum(np.round(extent / target).astype(np.int64) + 1, np.minimum(n_ref, 4))
+    else:
+        size = np.asarray(size_xyz, dtype=np.int64)
+        if size.shape != (3,) or np.any(size < 2):
+            raise InputError(f"grid size must be 3 values >= 2, got {size_xyz}")
+    spacing = np.where(size > 1, extent / np.maximum(size - 1, 1), h_ref)
+    return empty_like_grid(size, reference.GetOrigin(), spacing, reference.GetDirection())
+
+
+def pooled_geometry(reference: sitk.Image, shape_zyx: Sequence[int]) -> sitk.Image:
+    """Grid of a (D, H, W) array that tiles ``reference``'s field of view in equal blocks (average pooling).
+
+    Used for feature maps given without geometry: block ``k`` covers reference voxels
+    ``[k * f, (k + 1) * f)`` with ``f = N / n`` per axis, its centre is the block's centre.
+    """
+    n_ref = np.array(reference.GetSize(), dtype=np.float64)
+    n = np.array(list(shape_zyx)[::-1], dtype=np.float64)
+    if n.shape != (3,) or np.any(n < 1):
+        raise InputError(f"feature shape must be (D, H, W) with positive sizes, got {tuple(shape_zyx)}")
+    factor = n_ref / n
+    spacing = np.array(reference.GetSpacing()) * factor
+    origin = np.array(reference.TransformContinuousIndexToPhysicalPoint(((factor - 1.0) / 2.0).tolist()))
+    return empty_like_grid(n.astype(np.int64), origin, spacing, reference.GetDirection())
+
+
+def grid_shape(grid: sitk.Image) -> tuple[int, int, int]:
+    """(D, H, W) = (z, y, x) voxel counts of a grid."""
+    return tuple(int(s) for s in grid.GetSize()[::-1])  # type: ignore[return-value]
+
+
+def spacing_zyx(grid: sitk.Image, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Grid spacing (mm) as a (1, 3, 1, 1, 1) tensor in channel order z, y, x."""
+    return torch.tensor(grid.GetSpacing()[::-1], dtype=dtype, device=torch.device(device)).view(1, 3, 1, 1, 1)
+
+
+def world_points(grid: sitk.Image) -> np.ndarray:
+    """World coordinates (mm) of every voxel centre, shape (D, H, W, 3) in x, y, z (LPS) order."""
+    d, h, w = grid_shape(grid)
+    kk, jj, ii = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    idx = np.stack([ii, jj, kk], axis=-1).astype(np.float64)  # (d, h, w, 3) index x, y, z
+    m = direction_matrix(grid) * np.array(grid.GetSpacing())[None, :]
+    return idx @ m.T + np.array(grid.GetOrigin())
+
+
+# ------------------------------------------------------------------ images
+def image_to_tensor(image: sitk.Image, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Scalar image -> tensor (1, 1, D, H, W) (array axes z, y, x)."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("image_to_tensor expects a scalar image")
+    arr = sitk.GetArrayFromImage(image)
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(device=torch.device(device), dtype=dtype)[None, None]
+
+
+def tensor_to_image(tensor: torch.Tensor, reference: sitk.Image) -> sitk.Image:
+    """Tensor (1, 1, D, H, W) or (D, H, W) -> float32 image with ``reference``'s grid."""
+    arr = tensor.detach().to("cpu", torch.float32).numpy()
+    arr = arr.reshape(arr.shape[-3:])
+    if arr.shape != grid_shape(reference):
+        raise InputError(f"tensor shape {arr.shape} does not match the reference grid {grid_shape(reference)}")
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(reference)
+    return out
+
+
+# ------------------------------------------------------------------ fields
+def field_to_local_mm(field: sitk.Image, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """World displacement field -> (1, 3, D, H, W) mm along the grid's index axes, channels z, y, x."""
+    clean = check_displacement_field(field)
+    arr = sitk.GetArrayViewFromImage(clean)  # (d, h, w, 3) world x, y, z
+    local = arr @ direction_matrix(clean)  # row vectors: u^T D = (D^T u)^T -> components along index x, y, z
+    local = np.ascontiguousarray(local[..., ::-1].transpose(3, 0, 1, 2))  # channels z, y, x
+    return torch.from_numpy(local).to(device=torch.device(device), dtype=dtype)[None]
+
+
+def local_mm_to_field(local: torch.Tensor, reference: sitk.Image) -> sitk.Image:
+    """(1, 3, D, H, W) mm along index axes (z, y, x channels) -> ``sitkVectorFloat64`` world field on ``reference``."""
+    arr = local.detach().to("cpu", torch.float64).numpy().reshape((3,) + tuple(local.shape[-3:]))
+    if arr.shape[1:] != grid_shape(reference):
+        raise InputError(f"field tensor shape {arr.shape[1:]} does not match the reference grid {grid_shape(reference)}")
+    xyz = arr[::-1].transpose(1, 2, 3, 0)  # (d, h, w, 3) along index x, y, z
+    world = xyz @ direction_matrix(reference).T
+    out = sitk.GetImageFromArray(np.ascontiguousarray(world), isVector=True)
+    out.CopyInformation(reference)
+    return out
+
+
+def field_to_ddf(field: sitk.Image, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """World field (mm) -> MONAI Warp DDF (1, 3, D, H, W) in voxels of the field's own grid."""
+    return field_to_local_mm(field, device, dtype) / spacing_zyx(field, device, dtype)
+
+
+def ddf_to_field(ddf: torch.Tensor, reference: sitk.Image) -> sitk.Image:
+    """MONAI Warp DDF (1, 3, D, H, W, voxels of ``reference``) -> world field (mm) on ``reference``."""
+    return local_mm_to_field(ddf.detach() * spacing_zyx(reference, ddf.device, ddf.dtype), reference)
+
+
+def transform_to_local_mm(
+    transform: TransformLike | None, grid: sitk.Image, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Displacement ``T(x) - x`` of any transform/field on ``grid`` as local mm (zeros for ``None``)."""
+    if transform is None:
+        return torch.zeros((1, 3) + grid_shape(grid), device=torch.device(device), dtype=dtype)
+    return field_to_local_mm(transform_to_field(transform, grid), device, dtype)
+
+
+def resize_local_mm(local: torch.Tensor, shape_zyx: Sequence[int]) -> torch.Tensor:
+    """Move a local-mm field between two corner-aligned grids (trilinear, align_corners=True)."""
+    if tuple(local.shape[-3:]) == tuple(shape_zyx):
+        return local
+    return F.interpolate(local, size=tuple(int(s) for s in shape_zyx), mode="trilinear", align_corners=True)
+
+
+# ------------------------------------------------------------------ warping
+def make_warp(mode: str = "bilinear", padding_mode: str = "border"):
+    """``monai.networks.blocks.Warp`` (its 'using PyTorch native grid_sample' warning silenced)."""
+    from monai.networks.blocks import Warp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Warp(mode=mode, padding_mode=padding_mode)
+
+
+def make_dvf2ddf(num_steps: int = 7, padding_mode: str = "border"):
+    """``monai.networks.blocks.DVF2DDF`` (scaling and squaring of a stationary velocity field, voxel units)."""
+    from monai.networks.blocks import DVF2DDF
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DVF2DDF(num_steps=num_steps, mode="bilinear", padding_mode=padding_mode)
+
+
+def sample_world(
+    values: torch.Tensor,
+    source: sitk.Image,
+    target: sitk.Image,
+    transform: TransformLike | None = None,
+    padding_mode: str = "border",
+) -> torch.Tensor:
+    """Resample a tensor living on grid ``source`` onto grid ``target`` through world coordinates.
+
+    ``out[:, k, j, i] = values at T(x_ijk)`` (trilinear), where ``x_ijk`` is a ``target`` voxel centre
+    and ``T`` the optional fixed -> moving transform/field (identity when ``None``).
+
+    Args:
+        values: (C, D, H, W) or (1, C, D, H, W) with (D, H, W) = ``source``'s (z, y, x) size.
+        padding_mode: ``grid_sample`` padding outside ``source`` (``border``, ``zeros``, ``reflection``).
+
+    Returns:
+        (C, D', H', W') tensor on ``target``'s grid, same device/dtype as ``values``.
+    """
+    vol = values if values.dim() == 5 else values[None]
+    if vol.dim() != 5 or tuple(vol.shape[-3:]) != grid_shape(source):
+        raise InputError(f"values of shape {tuple(values.shape)} do not lie on a grid of (D, H, W) = {grid_shape(source)}")
+    points = world_points(target)  # (d, h, w, 3)
+    if transform is not None:
+        disp = sitk.GetArrayFromImage(transform_to_field(transform, target))
+        points = points + disp
+    inv = np.linalg.inv(direction_matrix(source) * np.array(source.GetSpacing())[None, :])
+    index = (points - np.array(source.GetOrigin())) @ inv.T  # continuous index x, y, z
+    size = np.array(source.GetSize(), dtype=np.float64)
+    norm = 2.0 * index / np.maximum(size - 1.0, 1.0) - 1.0  # align_corners=True; grid_sample wants (x, y, z)
+    grid = torch.from_numpy(norm).to(device=vol.device, dtype=vol.dtype)[None]
+    out = F.grid_sample(vol, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    return out[0]
+
+
+def gaussian_blur(volume: torch.Tensor, sigma_vox: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, D, H, W) with per-axis sigma (voxels, z, y, x); replicate padding."""
+    out = volume
+    for axis, sigma in enumerate(sigma_vox):
+        if sigma <= 0:
+            continue
+        radius = max(1, int(math.ceil(3.0 * sigma)))
+        x = torch.arange(-radius, radius + 1, device=volume.device, dtype=volume.dtype)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        weight = kernel.view(shape).repeat(out.shape[1], 1, 1, 1, 1)
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), weight, groups=out.shape[1])
+    return out
