@@ -1,0 +1,223 @@
+"""Embed a whole CT with a trained :class:`~regsam.embed.model.SAMEmbedder`.
+
+``embed_image(model, image)`` preprocesses the scan (:func:`regsam.embed.preprocess.preprocess`), runs
+the network over overlapping windows (memory stays bounded on large scans), keeps from every window
+only its central part (each output voxel comes from the window where it is farthest from an edge),
+and returns an :class:`Embedding`: fine (1/2) and coarse (1/8) embedding arrays with the world
+geometry of each level, so any world point (mm, LPS) can be looked up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from regsam.embed.crops import apply_affine, image_affine
+from regsam.embed.model import SAMEmbedder, level_geometry, resolve_device
+from regsam.embed.preprocess import HU_WINDOW, preprocess, reference_image, valid_size
+from regsam.errors import InputError
+from regsam.io.atomic import atomic_path
+
+#: default window (voxels at the network spacing, z/y/x alike); 192^3 at 2 mm = 384 mm, a whole chest
+DEFAULT_WINDOW = 192
+#: default overlap between neighbouring windows (voxels); must be a multiple of the network stride
+DEFAULT_OVERLAP = 64
+
+
+@dataclass
+class Embedding:
+    """Dense embeddings of one image.
+
+    Attributes:
+        fine: (Cf, Df, Hf, Wf) float16 (or float32), unit vectors along C; memory is channels-last
+            (``fine.transpose(1, 2, 3, 0)`` is contiguous).
+        coarse: (Cc, Dc, Hc, Wc), unit vectors along C, same layout.
+        fine_geometry / coarse_geometry: uint8 reference images whose size (x, y, z), origin, spacing (mm)
+            and direction (LPS) are the grid of ``fine`` / ``coarse``: voxel (i, j, k) of the geometry is
+            ``fine[:, k, j, i]``.
+        image_geometry: the image's grid at the network spacing, without padding; world points outside it
+            are outside the image.
+        spacing_mm: the network input spacing (mm).
+    """
+
+    fine: np.ndarray
+    coarse: np.ndarray
+    fine_geometry: sitk.Image
+    coarse_geometry: sitk.Image
+    image_geometry: sitk.Image
+    spacing_mm: float
+
+    def index_of(self, level: str, points_mm: np.ndarray) -> np.ndarray:
+        """(N, 3) world mm -> (N, 3) continuous voxel indices (x, y, z) of ``level`` ("fine", "coarse" or "image")."""
+        geometry = {"fine": self.fine_geometry, "coarse": self.coarse_geometry, "image": self.image_geometry}[level]
+        return apply_affine(np.linalg.inv(image_affine(geometry)), np.asarray(points_mm, dtype=np.float64).reshape(-1, 3))
+
+    def world_of(self, level: str, index: np.ndarray) -> np.ndarray:
+        """(N, 3) continuous voxel indices (x, y, z) of ``level`` -> (N, 3) world mm."""
+        geometry = {"fine": self.fine_geometry, "coarse": self.coarse_geometry, "image": self.image_geometry}[level]
+        return apply_affine(image_affine(geometry), np.asarray(index, dtype=np.float64).reshape(-1, 3))
+
+    def contains(self, points_mm: np.ndarray) -> np.ndarray:
+        """(N,) bool: the points lie inside the image (within half a voxel of its outermost voxel centres)."""
+        index = self.index_of("image", points_mm)
+        size = np.array(self.image_geometry.GetSize(), dtype=np.float64)
+        return ((index >= -0.5) & (index <= size - 0.5)).all(axis=1)
+
+    def level_valid(self, level: str) -> np.ndarray:
+        """(z, y, x) bool mask of level voxels whose footprint overlaps the image (not padding)."""
+        geometry = self.fine_geometry if level == "fine" else self.coarse_geometry
+        factor = geometry.GetSpacing()[0] / self.image_geometry.GetSpacing()[0]
+        limit = np.array(self.image_geometry.GetSize(), dtype=np.float64) - 1 + factor / 2.0
+        nx, ny, nz = geometry.GetSize()
+        ok = [np.arange(n) * factor <= limit[a] for a, n in enumerate((nx, ny, nz))]
+        return ok[2][:, None, None] & ok[1][None, :, None] & ok[0][None, None, :]
+
+
+def _window_starts(size: int, window: int, overlap: int) -> list[int]:
+    if size <= window:
+        return [0]
+    step = window - overlap
+    starts = list(range(0, size - window, step))
+    starts.append(size - window)
+    return sorted(set(starts))
+
+
+def _keep_ranges(starts: list[int], window: int, size: int, align: int) -> list[tuple[int, int]]:
+    """For each window, the sub-range [a, b) of the axis it is responsible for (cuts at overlap midpoints)."""
+    ends = [min(s + window, size) for s in starts]
+    cuts = [0]
+    for i in range(len(starts) - 1):
+        mid = (starts[i + 1] + ends[i]) / 2.0
+        cuts.append(int(mid // align * align))
+    cuts.append(size)
+    return [(cuts[i], cuts[i + 1]) for i in range(len(starts))]
+
+
+def embed_image(
+    model: SAMEmbedder,
+    image: sitk.Image,
+    spacing_mm: float | None = None,
+    device: str | torch.device | None = None,
+    window: int | Sequence[int] = DEFAULT_WINDOW,
+    overlap: int = DEFAULT_OVERLAP,
+    fine_dtype: np.dtype = np.float16,
+) -> Embedding:
+    """Embed a CT.
+
+    Args:
+        model: a trained embedder (see :func:`regsam.embed.model.load_embedder`); put in eval mode here.
+        image: 3D CT in HU (any orientation/spacing).
+        spacing_mm: network input spacing; default the model's training spacing (``model.spacing_mm``, 2 mm).
+        device: default the model's device.
+        window: window size in voxels at ``spacing_mm``, one value or (z, y, x); multiples of ``model.stride``.
+        overlap: overlap of neighbouring windows in voxels (multiple of ``model.stride``).
+        fine_dtype: dtype of the returned fine embedding (float16 halves memory).
+
+    Returns:
+        :class:`Embedding`.
+
+    Raises:
+        InputError: not a 3D volume, smaller than the model's minimum input size, or bad window/overlap.
+    """
+    stride = int(model.stride)
+    windows = [int(window)] * 3 if np.isscalar(window) else [int(w) for w in window]
+    if len(windows) != 3 or any(w % stride or w <= 0 for w in windows) or overlap % stride or overlap < 0:
+        raise InputError(f"window {window} and overlap {overlap} must be positive multiples of the network stride {stride}")
+    spacing = float(spacing_mm if spacing_mm is not None else getattr(model, "spacing_mm", 2.0))
+    hu_window = getattr(model, "hu_window", HU_WINDOW)
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    model.to(dev)
+    tensor, geometry = preprocess(image, spacing, stride=stride, min_size=model.min_input_size, hu_window=hu_window)
+    dims = tensor.shape[2:]  # (D, H, W)
+    if any(int(n) > w and overlap >= w for n, w in zip(dims, windows)):
+        raise InputError(f"overlap {overlap} must be smaller than the window {window}")
+    ff, cf = model.level_factors["fine"], model.level_factors["coarse"]
+    fine = np.empty((dims[0] // ff, dims[1] // ff, dims[2] // ff, model.fine_dim), dtype=fine_dtype)
+    coarse = np.empty((dims[0] // cf, dims[1] // cf, dims[2] // cf, model.coarse_dim), dtype=np.float32)
+    starts = [_window_starts(int(dims[a]), windows[a], overlap) for a in range(3)]
+    keeps = [_keep_ranges(starts[a], windows[a], int(dims[a]), cf) for a in range(3)]
+    torch_dtype = torch.float16 if np.dtype(fine_dtype) == np.float16 else torch.float32
+    for iz, z0 in enumerate(starts[0]):
+        for iy, y0 in enumerate(starts[1]):
+            for ix, x0 in enumerate(starts[2]):
+                sl = tuple(slice(s, min(s + w, int(n))) for s, w, n in zip((z0, y0, x0), windows, dims))
+                out = model.embed_volume(tensor[(slice(None), slice(None), *sl)].to(dev), fine_dtype=torch_dtype)
+                kz, ky, kx = keeps[0][iz], keeps[1][iy], keeps[2][ix]
+                for name, factor, target in (("fine", ff, fine), ("coarse", cf, coarse)):
+                    level = out[name][0].permute(1, 2, 3, 0)  # (d, h, w, C)
+                    src = tuple(slice((k[0] - s) // factor, (k[1] - s) // factor) for k, s in zip((kz, ky, kx), (z0, y0, x0)))
+                    dst = tuple(slice(k[0] // factor, k[1] // factor) for k in (kz, ky, kx))
+                    target[dst] = level[src].cpu().numpy()
+                del out
+    origin, spacing_xyz, direction = geometry.GetOrigin(), geometry.GetSpacing(), geometry.GetDirection()
+    fine_geo = reference_image([s // ff for s in geometry.GetSize()], *level_geometry(origin, spacing_xyz, direction, ff))
+    coarse_geo = reference_image([s // cf for s in geometry.GetSize()], *level_geometry(origin, spacing_xyz, direction, cf))
+    image_geo = reference_image(valid_size(geometry), origin, spacing_xyz, direction)
+    return Embedding(fine.transpose(3, 0, 1, 2), coarse.transpose(3, 0, 1, 2), fine_geo, coarse_geo, image_geo, spacing)
+
+
+# ---------------------------------------------------------------- files
+def _geometry_fields(prefix: str, image: sitk.Image) -> dict[str, np.ndarray]:
+    return {
+        f"{prefix}_size": np.array(image.GetSize(), dtype=np.int64),
+        f"{prefix}_origin": np.array(image.GetOrigin(), dtype=np.float64),
+        f"{prefix}_spacing": np.array(image.GetSpacing(), dtype=np.float64),
+        f"{prefix}_direction": np.array(image.GetDirection(), dtype=np.float64),
+    }
+
+
+def save_embedding(embedding: Embedding, path: str | os.PathLike) -> Path:
+    """Write an :class:`Embedding` as an (uncompressed) ``.npz`` with its geometry, atomically."""
+    path = Path(path)
+    arrays = {
+        "format": np.array(1),
+        # stored channels-last (contiguous), restored to (C, D, H, W) views on load
+        "fine_dhwc": np.ascontiguousarray(embedding.fine.transpose(1, 2, 3, 0)),
+        "coarse_dhwc": np.ascontiguousarray(embedding.coarse.transpose(1, 2, 3, 0)),
+        "spacing_mm": np.array(embedding.spacing_mm, dtype=np.float64),
+        **_geometry_fields("fine", embedding.fine_geometry),
+        **_geometry_fields("coarse", embedding.coarse_geometry),
+        **_geometry_fields("image", embedding.image_geometry),
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    return path
+
+
+def load_embedding(path: str | os.PathLike) -> Embedding:
+    """Read a file written by :func:`save_embedding`.
+
+    Raises:
+        InputError: missing file or not a regsam embedding.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"embedding file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not an .npz embedding ({exc})") from None
+    needed = {"fine_dhwc", "coarse_dhwc", "spacing_mm"} | {f"{p}_{k}" for p in ("fine", "coarse", "image") for k in ("size", "origin", "spacing", "direction")}
+    missing = needed - set(data.files)
+    if missing:
+        raise InputError(f"{path}: not a regsam embedding (missing {sorted(missing)})")
+
+    def geometry(prefix: str) -> sitk.Image:
+        return reference_image(data[f"{prefix}_size"].tolist(), data[f"{prefix}_origin"], data[f"{prefix}_spacing"], data[f"{prefix}_direction"])
+
+    return Embedding(
+        fine=data["fine_dhwc"].transpose(3, 0, 1, 2),
+        coarse=data["coarse_dhwc"].transpose(3, 0, 1, 2),
+        fine_geometry=geometry("fine"),
+        coarse_geometry=geometry("coarse"),
+        image_geometry=geometry("image"),
+        spacing_mm=float(data["spacing_mm"]),
+    )

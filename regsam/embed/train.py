@@ -1,0 +1,448 @@
+"""Train a SAM embedder: ``train_embedder(config, out_dir)`` or ``python -m regsam.embed.train``.
+
+Single process, or data-parallel under ``torchrun --nproc_per_node=N -m regsam.embed.train ...``
+(detected through ``RANK``/``WORLD_SIZE``; gloo on CPU, nccl on CUDA; every rank draws its own views,
+only rank 0 writes). Output folder::
+
+    config.yaml      the full configuration (defaults filled in; data entries as written)
+    log.csv          step, loss, fine, coarse, lr, seconds, <other objective components>
+    checkpoint.pt    latest checkpoint (model, optimizer, every rank's random state), written atomically
+    weights.pt       final weights (:func:`regsam.embed.model.save_weights`)
+
+``resume=True`` continues from ``checkpoint.pt`` with the same random state, so an interrupted run
+ends with the same weights as an uninterrupted one (same world size and thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import glob
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from regsam.embed.crops import CropConfig, Scan, TwoViewSampler, load_scan
+from regsam.embed.model import SAMEmbedder, resolve_device, save_weights
+from regsam.embed.objectives import OBJECTIVES
+from regsam.embed.objectives.sam import SAMLossConfig
+from regsam.errors import InputError
+from regsam.io.atomic import atomic_path
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+SAMPLE_CT = "sample-ct"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation constants (defaults: the public SAM implementation's values)."""
+
+    #: view pairs per process and step (SAM: 3 per GPU)
+    batch_size: int = 3
+    #: SAM: 20000 iterations
+    max_steps: int = 20000
+    #: "sgd" (SAM) or "adamw"
+    optimizer: str = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    #: linear warm-up from lr * warmup_ratio (SAM: 500 iterations, ratio 0.001)
+    warmup_steps: int = 500
+    warmup_ratio: float = 0.001
+    #: after warm-up: "constant" (SAM) or "cosine" (to 0 at max_steps)
+    lr_schedule: str = "constant"
+    #: SAM: every 1000 iterations
+    checkpoint_every: int = 1000
+    #: clip the gradient norm (SAM: none)
+    grad_clip: float | None = None
+    #: torch intra-op threads per process (None: leave torch's default)
+    num_threads: int | None = None
+
+
+DEFAULT_MODEL = {
+    "channels": [16, 32, 64, 128],
+    "fine_dim": 128,
+    "coarse_dim": 128,
+    "coarse_head_channels": 64,
+    "fine_head_channels": 32,
+    "context_dilation": 2,
+    "min_input_size": 32,
+}
+
+
+def default_config() -> dict:
+    """The full default configuration (SAM's constants; see ``regsam/configs/embedder/sam_chest.yaml``)."""
+    crops = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(CropConfig()).items()}
+    objective = {"name": "sam", **{k: v for k, v in asdict(SAMLossConfig()).items() if k != "seed"}}
+    return {
+        "seed": 0,
+        "data": [],
+        "model": dict(DEFAULT_MODEL),
+        "crops": crops,
+        "objective": objective,
+        "train": asdict(TrainConfig()),
+    }
+
+
+def _merge(base: dict, override: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise InputError(f"config: unknown key '{where}{key}' (known: {known})")
+        if isinstance(base[key], dict) and key != "objective":
+            if not isinstance(value, dict):
+                raise InputError(f"config: '{where}{key}' must be a mapping")
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(config: str | os.PathLike | dict) -> tuple[dict, list[Path]]:
+    """Read a YAML file (or take a dict) and merge it over :func:`default_config`.
+
+    Returns:
+        ``(config, base_dirs)``: relative data paths are looked up in ``base_dirs`` in order (the config
+        file's folder, then the current directory).
+
+    Raises:
+        InputError: missing/invalid YAML or unknown keys.
+    """
+    if isinstance(config, dict):
+        raw, bases = config, [Path.cwd()]
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise InputError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: the top level must be a mapping")
+        bases = [path.resolve().parent, Path.cwd()]
+    raw = dict(raw)
+    objective = raw.get("objective", {}) or {}
+    merged = _merge(default_config(), {k: v for k, v in raw.items() if k != "objective"})
+    name = objective.get("name", "sam")
+    if name not in OBJECTIVES:
+        raise InputError(f"config: unknown objective '{name}' (known: {', '.join(OBJECTIVES)})")
+    merged["objective"] = {**(merged["objective"] if name == "sam" else {"name": name}), **objective}
+    return merged, bases
+
+
+def resolve_data(entries: Sequence[str], bases: Sequence[Path]) -> list[str]:
+    """Expand ``data`` entries (files, folders, globs, or ``sample-ct``) into image paths (or ``sample-ct``).
+
+    Relative entries are tried against each of ``bases`` in order; the first that matches wins.
+
+    Raises:
+        InputError: an entry matches nothing, or the list is empty.
+    """
+    if isinstance(entries, (str, os.PathLike)):
+        entries = [str(entries)]
+    out: list[str] = []
+    for entry in entries:
+        entry = str(entry)
+        if entry == SAMPLE_CT:
+            out.append(SAMPLE_CT)
+            continue
+        candidates = [Path(entry).expanduser()] if Path(entry).expanduser().is_absolute() else [b / entry for b in bases]
+        found: list[str] = []
+        for cand in candidates:
+            if any(ch in entry for ch in "*?["):
+                found = sorted(p for p in glob.glob(str(cand), recursive=True) if str(p).endswith(IMAGE_SUFFIXES))
+            elif cand.is_dir():
+                found = sorted(str(p) for p in cand.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+            elif cand.is_file():
+                found = [str(cand)]
+            if found:
+                break
+        if not found:
+            tried = ", ".join(str(c) for c in candidates)
+            raise InputError(f"data entry '{entry}' matches no image (tried {tried})")
+        out.extend(str(Path(f).resolve()) for f in found)
+    if not out:
+        raise InputError("config: 'data' lists no training images")
+    return out
+
+
+def load_scans(paths: Sequence[str], crops: CropConfig) -> list[Scan]:
+    """Load every training image once (see :func:`regsam.embed.crops.load_scan`)."""
+    scans = []
+    for path in paths:
+        if path == SAMPLE_CT:
+            from regsam.data.fetch import fetch_sample_ct
+
+            path = str(fetch_sample_ct()["ct"])
+        scans.append(
+            load_scan(path, spacing_mm=crops.scan_spacing_mm, hu_window=crops.hu_window, foreground_hu=crops.foreground_hu)
+        )
+    return scans
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for (0-based) ``step``: linear warm-up, then constant or cosine."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        frac = step / cfg.warmup_steps
+        return cfg.lr * (cfg.warmup_ratio + (1.0 - cfg.warmup_ratio) * frac)
+    if cfg.lr_schedule == "cosine":
+        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step - cfg.warmup_steps, span) / span))
+    return cfg.lr
+
+
+# ---------------------------------------------------------------- distributed helpers
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _gather(obj: Any, info: _Dist) -> list:
+    if not info.active:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------- main loop
+def _rng_state(sampler: TwoViewSampler, objective) -> dict:
+    return {"sampler": sampler.state_dict(), "objective": objective.state_dict(), "torch": torch.get_rng_state()}
+
+
+def _save_checkpoint(path: Path, step: int, model, optimizer, rng_states: list, seconds: float, config: dict) -> None:
+    net = model.module if hasattr(model, "module") else model
+    payload = {
+        "step": step,
+        "model_config": dict(net.config),
+        "state_dict": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_states,
+        "seconds": seconds,
+        "config": config,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _write_log_header(path: Path, columns: list[str], keep_until: int | None) -> None:
+    """Start log.csv, or (on resume) keep only rows up to step ``keep_until``."""
+    rows: list[list[str]] = []
+    if keep_until is not None and path.is_file():
+        with open(path, newline="") as fh:
+            reader = csv.reader(fh)
+            next(reader, None)
+            rows = [r for r in reader if r and int(r[0]) <= keep_until]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            writer.writerows(rows)
+
+
+def train_embedder(
+    config: str | os.PathLike | dict,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train a :class:`SAMEmbedder` and return the path of the final weights (``out_dir/weights.pt``).
+
+    Args:
+        config: YAML path or dict (see ``regsam/configs/embedder/sam_chest.yaml``); unspecified keys take
+            SAM's values (:func:`default_config`).
+        out_dir: output folder (created); see the module docstring for its content.
+        resume: continue from ``out_dir/checkpoint.pt`` (starts fresh when there is none).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available. Under torchrun on CUDA
+            each rank uses ``cuda:LOCAL_RANK``.
+        max_steps: override ``train.max_steps``.
+        progress: show a tqdm progress bar (rank 0).
+
+    Raises:
+        InputError: bad config or data, or ``out_dir`` already holds a checkpoint and ``resume`` is False.
+    """
+    cfg, bases = load_config(config)
+    if max_steps is not None:
+        cfg["train"]["max_steps"] = int(max_steps)
+    train_cfg = TrainConfig(**cfg["train"])
+    if train_cfg.optimizer not in ("sgd", "adamw"):
+        raise InputError(f"train.optimizer must be 'sgd' or 'adamw', got '{train_cfg.optimizer}'")
+    if train_cfg.lr_schedule not in ("constant", "cosine"):
+        raise InputError(f"train.lr_schedule must be 'constant' or 'cosine', got '{train_cfg.lr_schedule}'")
+    crops = CropConfig.from_dict(cfg["crops"])
+    # cfg keeps the entries as written (no machine-specific paths end up in the outputs)
+    data_files = resolve_data(cfg["data"], bases)
+
+    dev = resolve_device(device)
+    info = _init_distributed(dev)
+    if info.active and dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(dev)
+    if train_cfg.num_threads:
+        torch.set_num_threads(int(train_cfg.num_threads))
+
+    out = Path(out_dir)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.csv"
+    checkpoint = None
+    if ckpt_path.is_file():
+        if not resume:
+            raise InputError(f"{out} already holds a checkpoint; pass resume=True (--resume) or choose another folder")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed + 1000 * info.rank)
+    model = SAMEmbedder(**cfg["model"]).to(dev)
+    objective = OBJECTIVES[cfg["objective"]["name"]](**{**cfg["objective"], "seed": seed + 7919 + 1000 * info.rank})
+    scans = load_scans(data_files, crops)
+    sampler = TwoViewSampler(scans, crops, seed=seed + 104729 + 1000 * info.rank)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train_cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+    start, seconds = 0, 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start, seconds = int(checkpoint["step"]), float(checkpoint["seconds"])
+        states = checkpoint["rng"]
+        if len(states) == info.world:
+            mine = states[info.rank]
+            sampler.load_state_dict(mine["sampler"])
+            objective.load_state_dict(mine["objective"])
+            torch.set_rng_state(mine["torch"])
+        else:  # a different world size cannot replay the same streams; continue with fresh, step-dependent seeds
+            sampler = TwoViewSampler(scans, crops, seed=seed + 104729 + 1000 * info.rank + start)
+            objective.reseed(seed + 7919 + 1000 * info.rank + start)
+            torch.manual_seed(seed + 1000 * info.rank + start)
+
+    net = model
+    if info.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    columns = ["step", "loss", *objective.components[:2], "lr", "seconds", *objective.components[2:]]
+    if info.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        _write_log_header(log_path, columns, keep_until=start if checkpoint is not None else None)
+
+    bar = None
+    if progress and info.rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=train_cfg.max_steps, initial=start, desc="sam", unit="step", mininterval=5.0, dynamic_ncols=True)
+
+    model.train()
+    log_fh = open(log_path, "a", newline="") if info.rank == 0 else None
+    try:
+        writer = csv.writer(log_fh) if log_fh else None
+        for step in range(start, train_cfg.max_steps):
+            t0 = time.perf_counter()
+            lr = learning_rate(step, train_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = sampler.sample(train_cfg.batch_size)
+            result = objective(net, batch)
+            optimizer.zero_grad(set_to_none=True)
+            result["loss"].backward()
+            if train_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+            optimizer.step()
+            seconds += time.perf_counter() - t0
+            done = step + 1
+            if writer is not None:
+                row = [done, f"{float(result['loss'].detach()):.6f}"]
+                row += [f"{float(result[c]):.6f}" for c in objective.components[:2]]
+                row += [f"{lr:.6g}", f"{seconds:.2f}"]
+                row += [f"{float(result[c]):.6f}" for c in objective.components[2:]]
+                writer.writerow(row)
+                log_fh.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(result['loss'].detach()):.3f}", refresh=False)
+            if done % train_cfg.checkpoint_every == 0 or done == train_cfg.max_steps:
+                states = _gather(_rng_state(sampler, objective), info)
+                if info.rank == 0:
+                    _save_checkpoint(ckpt_path, done, net, optimizer, states, seconds, cfg)
+        weights = out / "weights.pt"
+        if info.rank == 0:
+            model.eval()
+            extra = {"steps": train_cfg.max_steps, "train_seconds": seconds, "data_files": [Path(f).name for f in data_files]}
+            save_weights(model, weights, cfg, extra=extra)
+        if info.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return weights
+    finally:
+        if log_fh:
+            log_fh.close()
+        if bar is not None:
+            bar.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m regsam.embed.train --config C --out DIR [--resume] [--max-steps N] [--device D]``."""
+    parser = argparse.ArgumentParser(prog="python -m regsam.embed.train", description="Train a SAM embedder.")
+    parser.add_argument("--config", required=True, help="YAML config (e.g. regsam/configs/embedder/sam_chest.yaml)")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, weights.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        path = train_embedder(args.config, args.out, resume=args.resume, device=args.device, max_steps=args.max_steps, progress=not args.no_progress)
+    except InputError as exc:
+        print(f"regsam: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"weights: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
