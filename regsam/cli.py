@@ -119,7 +119,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         preset=args.preset,
         fixed_mask_path=Path(args.fixed_mask) if args.fixed_mask else None,
         moving_mask_path=Path(args.moving_mask) if args.moving_mask else None,
-        options={},
+        options={k: v for k, v in (("stages", args.stages), ("device", args.device), ("weights", args.weights)) if v},
     )
     print(f"wrote {out}")
     return 0
@@ -134,6 +134,9 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default=None, help="method preset, e.g. lung or fast for elastix")
     p.add_argument("--fixed-mask", default=None, help="mask of the fixed image (non-zero inside)")
     p.add_argument("--moving-mask", default=None, help="mask of the moving image (non-zero inside)")
+    p.add_argument("--stages", default=None, help="sam: comma-separated stages to run (affine,coarse,deformable)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="sam/convexadam: torch device")
+    p.add_argument("--weights", default=None, help="sam: embedder weights file (default: shipped weights)")
     p.set_defaults(func=_cmd_register)
 
 
@@ -227,6 +230,67 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+# ---------------------------------------------------------------- embedder: train, embed, match
+def _cmd_train_embedder(args: argparse.Namespace) -> int:
+    import os
+
+    from regsam.embed.commands import train_embedder_command
+
+    path = train_embedder_command(args.config, args.out, resume=args.resume, max_steps=args.max_steps, device=args.device,
+                                  progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"weights: {path}")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from regsam.embed.commands import embed_command
+
+    print(f"wrote {embed_command(args.image, args.out, weights=args.weights, device=args.device, spacing_mm=args.spacing)}")
+    return 0
+
+
+def _cmd_match(args: argparse.Namespace) -> int:
+    from regsam.embed.commands import match_command
+
+    out = match_command(args.template, args.points, args.target, args.out, weights=args.weights,
+                        cycle_tolerance_mm=args.cycle_tolerance, adapt_steps=args.adapt_steps, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-embedder", help="train a SAM embedder (also runs under torchrun -m regsam.cli)")
+    p.add_argument("--config", required=True, help="YAML config (e.g. regsam/configs/embedder/sam_chest.yaml)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, weights.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train_embedder)
+
+    p = sub.add_parser("embed", help="embed a CT: fine and coarse SAM embeddings with their geometry (.npz)")
+    p.add_argument("image", help="3D CT in HU")
+    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--weights", default=None, help="embedder weights (default: shipped regsam/weights/sam_chest.pt)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--spacing", type=float, default=None, help="network input spacing in mm (default: the model's, 2 mm)")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("match", help="find template points in a target image by embedding similarity; writes x,y,z,score,valid")
+    p.add_argument("--template", required=True, help="image the points are given in")
+    p.add_argument("--points", required=True, help="points file: .csv (x,y,z mm), _xyz.txt, elastix .txt/.pts, .mrk.json, .fcsv")
+    p.add_argument("--target", required=True, help="image to find the points in")
+    p.add_argument("--out", required=True, help="output CSV: x,y,z (mm, in the target),score,valid")
+    p.add_argument("--weights", default=None, help="embedder weights (default: shipped regsam/weights/sam_chest.pt)")
+    p.add_argument("--cycle-tolerance", type=float, default=None, metavar="MM",
+                   help="match back into the template; valid=1 only if it returns within MM")
+    p.add_argument("--adapt-steps", type=int, default=0, metavar="N",
+                   help="test-time adaptation: fine-tune the embedder on the two images for N steps first (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.set_defaults(func=_cmd_match)
+
+
 # ---------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regsam", description=__doc__.splitlines()[0])
@@ -236,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register(sub)
     _add_apply(sub)
     _add_bench(sub)
+    _add_embed(sub)
     _add_demo(sub)
     return parser
 

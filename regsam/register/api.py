@@ -189,3 +189,13 @@ def _convexadam(fixed: sitk.Image, moving: sitk.Image, **kwargs) -> Registration
 
 
 METHODS["convexadam"] = _convexadam
+
+
+def _sam(fixed: sitk.Image, moving: sitk.Image, **kwargs) -> RegistrationResult:
+    """SAM embeddings: affine, coarse and deformable stages, presets ``fast`` (default) and ``accurate``; see ``register_sam``."""
+    from regsam.register.sam import register_sam
+
+    return register_sam(fixed, moving, **kwargs)
+
+
+METHODS["sam"] = _sam

@@ -1,0 +1,238 @@
+"""``--method sam``: SAM correspondences -> robust affine -> smooth coarse field -> deformable refinement.
+
+Each stage lives in its own module and can be switched off (``stages``):
+
+1. **affine** (:mod:`regsam.register.affine`): grid points inside the fixed body are matched
+   into the moving image by embedding nearest-neighbour search; matches that fail the
+   backward (cycle) check or score low are dropped; RANSAC then least squares.
+2. **coarse** (:mod:`regsam.register.coarse`): a smooth dense displacement fitted to all
+   kept correspondences, composed with the affine.
+3. **deformable** (:mod:`regsam.register.deformable`): per-pair optimisation of LNCC + embedding
+   dissimilarity + bending energy, started from the coarse field.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from regsam.errors import InputError
+from regsam.io.images import AIR_HU
+from regsam.io.transforms import transform_to_field, warp_image
+from regsam.register.result import RegistrationResult
+
+STAGES = ("affine", "coarse", "deformable")
+
+
+@dataclass(frozen=True)
+class SamPreset:
+    """Settings of one ``--preset`` of the SAM method (distances in mm)."""
+
+    point_spacing_mm: float = 20.0  # grid of fixed points matched into the moving image
+    cycle_tolerance_mm: float = 8.0  # backward match must return this close
+    min_score: float = 0.3  # (fine + coarse cosine) / 2
+    ransac_threshold_mm: float = 8.0
+    coarse_smoothing_mm: float = 20.0
+    coarse_grid_mm: float = 24.0
+    deformable: str = "fast"  # preset of regsam.register.deformable
+    feature_components: int = 16  # PCA components of the fine embedding used by the deformable loss
+    deformable_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, SamPreset] = {
+    "fast": SamPreset(),
+    "accurate": SamPreset(point_spacing_mm=12.0, coarse_smoothing_mm=15.0, coarse_grid_mm=16.0, deformable="accurate"),
+}
+DEFAULT_PRESET = "fast"
+
+
+@dataclass
+class Correspondences:
+    """Matched point pairs: fixed (N, 3) mm -> moving (N, 3) mm, with score, cycle validity and affine inlier flags."""
+
+    fixed: np.ndarray
+    moving: np.ndarray
+    score: np.ndarray
+    valid: np.ndarray
+    inlier: np.ndarray
+
+    def to_csv(self) -> str:
+        rows = ["fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z,score,cycle_ok,affine_inlier"]
+        for f, m, s, v, i in zip(self.fixed, self.moving, self.score, self.valid, self.inlier):
+            rows.append(",".join(f"{c:.4f}" for c in (*f, *m)) + f",{s:.4f},{int(v)},{int(i)}")
+        return "\n".join(rows) + "\n"
+
+
+def grid_points_in_mask(mask: sitk.Image, spacing_mm: float) -> np.ndarray:
+    """World points (N, 3) on a regular ``spacing_mm`` grid that fall inside ``mask`` (non-zero)."""
+    array = sitk.GetArrayViewFromImage(mask)
+    step = [max(1, int(round(spacing_mm / s))) for s in reversed(mask.GetSpacing())]  # z, y, x
+    sub = array[:: step[0], :: step[1], :: step[2]]
+    zyx = np.argwhere(sub > 0) * np.array(step)
+    index = zyx[:, ::-1].astype(np.float64)
+    direction = np.array(mask.GetDirection()).reshape(3, 3)
+    return np.asarray(mask.GetOrigin()) + (index * np.asarray(mask.GetSpacing())) @ direction.T
+
+
+def _body_mask(image: sitk.Image) -> sitk.Image:
+    from regsam.data.masks import threshold_masks
+
+    try:
+        body, _ = threshold_masks(image)
+    except InputError:
+        # Not a chest CT with aerated lungs: use everything denser than air.
+        body = sitk.Cast(image > -500, sitk.sitkUInt8)
+    if not np.any(sitk.GetArrayViewFromImage(body)):
+        raise InputError("fixed image: no body voxels found (nothing denser than air)")
+    return body
+
+
+def find_correspondences(fixed_emb, moving_emb, fixed_body: sitk.Image, preset: SamPreset, device=None) -> Correspondences:
+    """Match grid points inside the fixed body into the moving image (cycle-checked)."""
+    from regsam.embed.matching import match_points
+
+    points = grid_points_in_mask(fixed_body, preset.point_spacing_mm)
+    points = points[fixed_emb.contains(points)]
+    if len(points) < 8:
+        raise InputError(f"only {len(points)} fixed body points to match; the fixed image is too small or empty")
+    result = match_points(fixed_emb, points, moving_emb, cycle_tolerance_mm=preset.cycle_tolerance_mm, device=device)
+    keep = result.valid & (result.score >= preset.min_score)
+    return Correspondences(points, result.matched, result.score, keep, np.zeros(len(points), bool))
+
+
+def shared_pca_features(fixed_fine: np.ndarray, moving_fine: np.ndarray, components: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Project two (C, D, H, W) embeddings onto their top principal components (one shared basis).
+
+    The deformable loss warps the moving embedding every iteration; 16 components keep almost all
+    of the cosine structure at a fraction of the cost of all C channels. Outputs are float32,
+    (components, D, H, W), re-normalised to unit length along the channels.
+    """
+    channels = fixed_fine.shape[0]
+    if components >= channels:
+        return fixed_fine.astype(np.float32), moving_fine.astype(np.float32)
+    rng = np.random.default_rng(seed)
+
+    def sample(array: np.ndarray, n: int = 20000) -> np.ndarray:
+        flat = array.reshape(channels, -1)
+        return flat[:, rng.choice(flat.shape[1], size=min(n, flat.shape[1]), replace=False)].astype(np.float64)
+
+    both = np.concatenate([sample(fixed_fine), sample(moving_fine)], axis=1)
+    mean = both.mean(axis=1, keepdims=True)
+    _, _, vt = np.linalg.svd((both - mean).T, full_matrices=False)
+    basis = vt[:components].astype(np.float32)  # (k, C)
+
+    def project(array: np.ndarray) -> np.ndarray:
+        flat = array.reshape(channels, -1).astype(np.float32) - mean.astype(np.float32)
+        out = basis @ flat
+        out /= np.linalg.norm(out, axis=0, keepdims=True) + 1e-6
+        return out.reshape((components,) + array.shape[1:])
+
+    return project(fixed_fine), project(moving_fine)
+
+
+def register_sam(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    preset: str | None = None,
+    fixed_mask: sitk.Image | None = None,
+    moving_mask: sitk.Image | None = None,
+    stages: Sequence[str] | str = STAGES,
+    device: str | None = None,
+    weights: str | None = None,
+    seed: int = 0,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` with SAM embeddings (images validated by ``api.register``).
+
+    Args:
+        preset: ``fast`` (default) or ``accurate`` (see :data:`PRESETS`).
+        fixed_mask: optional (lung) mask weighting the deformable similarity; the points for the
+            affine and coarse stages come from an automatic body mask.
+        stages: any of ``affine``, ``coarse``, ``deformable`` (comma-separated string or list).
+        device: ``cpu`` or ``cuda`` (default: CUDA when available).
+        weights: embedder weights file (default: the shipped ``regsam/weights/sam_chest.pt``).
+    """
+    from regsam.embed.inference import embed_image
+    from regsam.embed.model import load_embedder
+    from regsam.register.affine import fit_affine_ransac
+    from regsam.register.coarse import fit_smooth_field
+    from regsam.register.deformable import refine_deformable
+
+    start = time.perf_counter()
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise InputError(f"unknown sam preset '{name}' (known: {', '.join(PRESETS)})")
+    cfg = PRESETS[name]
+    wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown or not wanted:
+        raise InputError(f"unknown sam stage(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(STAGES)}")
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    model = load_embedder(weights, device=device)
+    dev = next(model.parameters()).device
+    fixed_emb = embed_image(model, fixed, device=dev)
+    moving_emb = embed_image(model, moving, device=dev)
+    timings["embed"] = time.perf_counter() - t
+
+    affine: sitk.Transform | None = None
+    field_img: sitk.Image | None = None
+    corr: Correspondences | None = None
+    extras: dict[str, Any] = {"stages": wanted, "preset": name}
+    if "affine" in wanted or "coarse" in wanted:
+        t = time.perf_counter()
+        corr = find_correspondences(fixed_emb, moving_emb, _body_mask(fixed), cfg, device=dev)
+        timings["match"] = time.perf_counter() - t
+        extras["correspondences"] = {"matched": int(len(corr.fixed)), "kept": int(corr.valid.sum())}
+        if corr.valid.sum() < 8:
+            raise InputError(
+                f"only {int(corr.valid.sum())} reliable SAM correspondences (of {len(corr.fixed)}); "
+                "the images may not show the same anatomy"
+            )
+    if "affine" in wanted:
+        t = time.perf_counter()
+        keep = np.flatnonzero(corr.valid)
+        fit = fit_affine_ransac(corr.fixed[keep], corr.moving[keep], weights=corr.score[keep], threshold_mm=cfg.ransac_threshold_mm, seed=seed)
+        corr.inlier[keep[fit.inliers]] = True
+        affine = fit.transform
+        timings["affine"] = time.perf_counter() - t
+        extras["affine"] = {"inliers": int(fit.n_inliers), "rms_inlier_mm": float(fit.rms_inlier_mm), "matrix": fit.matrix.tolist()}
+    if "coarse" in wanted:
+        t = time.perf_counter()
+        use = corr.inlier if affine is not None else corr.valid
+        field_img = fit_smooth_field(
+            corr.fixed[use], corr.moving[use], fixed, affine, weights=corr.score[use],
+            smoothing_mm=cfg.coarse_smoothing_mm, grid_spacing_mm=cfg.coarse_grid_mm,
+        )
+        timings["coarse"] = time.perf_counter() - t
+    if "deformable" in wanted:
+        t = time.perf_counter()
+        initial = field_img if field_img is not None else affine
+        fixed_feat, moving_feat = shared_pca_features(fixed_emb.fine, moving_emb.fine, cfg.feature_components, seed)
+        result = refine_deformable(
+            fixed, moving, initial, preset=cfg.deformable, fixed_mask=fixed_mask,
+            fixed_features=fixed_feat, moving_features=moving_feat,
+            fixed_feature_geometry=fixed_emb.fine_geometry, moving_feature_geometry=moving_emb.fine_geometry,
+            device=str(dev), seed=seed, **cfg.deformable_overrides,
+        )
+        field_img = result.field
+        timings["deformable"] = time.perf_counter() - t
+        extras["deformable"] = {"folding_share": result.folding_share}
+    if field_img is None:
+        field_img = transform_to_field(affine, fixed)
+
+    t = time.perf_counter()
+    warped = warp_image(sitk.Cast(moving, sitk.sitkFloat32), fixed, field_img, "linear", AIR_HU)
+    timings["warp"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+    artifacts = {"correspondences.csv": corr.to_csv()} if corr is not None else {}
+    return RegistrationResult(
+        displacement=field_img, warped=warped, method="sam", preset=name, timings=timings,
+        affine=affine, extras=extras, artifacts=artifacts,
+    )
