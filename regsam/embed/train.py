@@ -202,6 +202,40 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names (``sgd`` with momentum, or ``adamw``) over ``params``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise InputError(f"train.optimizer must be 'sgd' or 'adamw', got '{cfg.optimizer}'")
+
+
+def train_step(
+    net: torch.nn.Module,
+    objective,
+    sampler: TwoViewSampler,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    step: int,
+    cfg: TrainConfig,
+) -> tuple[dict, float]:
+    """One optimisation step (0-based ``step``): set the learning rate, draw a batch of view pairs, back-propagate
+    the objective, clip (``cfg.grad_clip``) and step. Used by :func:`train_embedder` and by test-time adaptation
+    (:func:`regsam.embed.adapt.adapt_embedder`). Returns ``(objective result, learning rate)``."""
+    lr = learning_rate(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batch = sampler.sample(cfg.batch_size)
+    result = objective(net, batch)
+    optimizer.zero_grad(set_to_none=True)
+    result["loss"].backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    return result, lr
+
+
 # ---------------------------------------------------------------- distributed helpers
 @dataclass
 class _Dist:
@@ -329,10 +363,7 @@ def train_embedder(
     sampler = TwoViewSampler(scans, crops, seed=seed + 104729 + 1000 * info.rank)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if train_cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = build_optimizer(params, train_cfg)
 
     start, seconds = 0, 0.0
     if checkpoint is not None:
@@ -375,16 +406,7 @@ def train_embedder(
         writer = csv.writer(log_fh) if log_fh else None
         for step in range(start, train_cfg.max_steps):
             t0 = time.perf_counter()
-            lr = learning_rate(step, train_cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = sampler.sample(train_cfg.batch_size)
-            result = objective(net, batch)
-            optimizer.zero_grad(set_to_none=True)
-            result["loss"].backward()
-            if train_cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
-            optimizer.step()
+            result, lr = train_step(net, objective, sampler, optimizer, params, step, train_cfg)
             seconds += time.perf_counter() - t0
             done = step + 1
             if writer is not None:
