@@ -67,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "integration_steps": 7,
         "mind_radius": 1,
         "mind_dilation": 2,
+        "feature_spacing_mm": 8.0,
     },
     "accurate": {
         "spacing_mm": 2.0,
@@ -84,6 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "integration_steps": 7,
         "mind_radius": 1,
         "mind_dilation": 2,
+        "feature_spacing_mm": 4.0,
     },
 }
 DEFAULT_PRESET = "fast"
@@ -320,7 +322,9 @@ def refine_deformable(
             raise InputError(f"fixed features have {ff.shape[0]} channels but moving features {mf.shape[0]}")
         f_geo = _feature_geometry(ff, fixed_feature_geometry, fixed, "fixed_features")
         m_geo = _feature_geometry(mf, moving_feature_geometry, moving, "moving_features")
-        feat_spacing = max(float(np.min(f_geo.GetSpacing())), base)
+        # The embedding term guides the large-scale alignment; a coarser grid than the image term's
+        # keeps warping C channels (and its backward pass) cheap.
+        feat_spacing = max(float(np.min(f_geo.GetSpacing())), base, float(cfg["feature_spacing_mm"]))
         fgrid = tf.corner_aligned_grid(fixed, feat_spacing)
         f_on = tf.sample_world(ff, f_geo, fgrid).to(dev)
         m_on = tf.sample_world(mf, m_geo, fgrid, transform=t0 if initial is not None else None).to(dev)

@@ -35,6 +35,8 @@ class SamPreset:
 
     point_spacing_mm: float = 20.0  # grid of fixed points matched into the moving image
     cycle_tolerance_mm: float = 8.0  # backward match must return this close
+    match_candidates: int = 2  # coarse maxima searched finely per point (the cycle check catches the rest)
+    match_radius_mm: float = 12.0  # half-width of the fine search cube
     min_score: float = 0.3  # (fine + coarse cosine) / 2
     ransac_threshold_mm: float = 8.0
     coarse_smoothing_mm: float = 20.0
@@ -100,7 +102,10 @@ def find_correspondences(fixed_emb, moving_emb, fixed_body: sitk.Image, preset: 
     points = points[fixed_emb.contains(points)]
     if len(points) < 8:
         raise InputError(f"only {len(points)} fixed body points to match; the fixed image is too small or empty")
-    result = match_points(fixed_emb, points, moving_emb, cycle_tolerance_mm=preset.cycle_tolerance_mm, device=device)
+    result = match_points(
+        fixed_emb, points, moving_emb, cycle_tolerance_mm=preset.cycle_tolerance_mm,
+        fine_radius_mm=preset.match_radius_mm, coarse_candidates=preset.match_candidates, device=device,
+    )
     keep = result.valid & (result.score >= preset.min_score)
     return Correspondences(points, result.matched, result.score, keep, np.zeros(len(points), bool))
 
