@@ -50,7 +50,12 @@ class AffineFit:
     hypotheses: int
 
 
-def _check_points(fixed_pts, moving_pts, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def check_correspondences(fixed_pts, moving_pts, weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate point correspondences: (N, 3) fixed and moving mm arrays, (N,) weights >= 0 (default 1).
+
+    Raises:
+        InputError: wrong shapes, unequal lengths, NaNs, or bad weights.
+    """
     try:
         f = np.asarray(fixed_pts, dtype=np.float64)
         m = np.asarray(moving_pts, dtype=np.float64)
@@ -151,7 +156,7 @@ def fit_affine_ransac(
             positive weight, every sample degenerate (coplanar points), or no consensus of at least
             ``min_inliers`` inliers.
     """
-    f, m, w = _check_points(fixed_pts, moving_pts, weights)
+    f, m, w = check_correspondences(fixed_pts, moving_pts, weights)
     min_inliers = max(4, int(min_inliers))
     if threshold_mm <= 0:
         raise InputError(f"threshold_mm must be positive, got {threshold_mm}")

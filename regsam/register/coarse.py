@@ -32,6 +32,7 @@ from scipy.sparse.linalg import LinearOperator, cg
 from scipy.spatial import cKDTree
 
 from regsam.errors import InputError
+from regsam.register.affine import check_correspondences
 from regsam.io.transforms import transform_to_field
 
 #: minimum number of correspondences (with positive weight) inside the reference grid
@@ -170,25 +171,6 @@ def _bending_penalty(k_xyz, g: np.ndarray) -> sp.csr_matrix:
 
 
 # ------------------------------------------------------------------ fitting
-def _check(fixed_pts, moving_pts, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        f = np.asarray(fixed_pts, dtype=np.float64)
-        m = np.asarray(moving_pts, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError("fixed and moving points must be numeric (N, 3) arrays") from None
-    if f.ndim != 2 or f.shape[1] != 3 or f.shape != m.shape:
-        raise InputError(f"points must be two (N, 3) arrays of equal length, got fixed {f.shape} and moving {m.shape}")
-    if not (np.isfinite(f).all() and np.isfinite(m).all()):
-        raise InputError("points contain NaN or infinite coordinates")
-    if weights is None:
-        w = np.ones(len(f))
-    else:
-        w = np.asarray(weights, dtype=np.float64).ravel()
-        if w.shape != (len(f),) or not np.isfinite(w).all() or np.any(w < 0):
-            raise InputError(f"weights must be {len(f)} finite values >= 0 (one per correspondence)")
-    return f, m, w
-
-
 def _factor(lhs: sp.spmatrix):
     """Dense Cholesky factor of the (symmetric positive definite) normal-equation matrix."""
     return cho_factor(lhs.toarray(), lower=True, check_finite=False)
@@ -257,7 +239,7 @@ def fit_smooth_residual(
     Raises:
         InputError: malformed inputs or fewer than :data:`MIN_POINTS` usable correspondences.
     """
-    f, m, w0 = _check(fixed_pts, moving_pts, weights)
+    f, m, w0 = check_correspondences(fixed_pts, moving_pts, weights)
     if not isinstance(reference, sitk.Image) or reference.GetDimension() != 3:
         raise InputError("reference must be a 3D SimpleITK image (its grid is used)")
     if smoothing_mm < 0 or grid_spacing_mm <= 0:

@@ -113,7 +113,7 @@ def test_bad_inputs():
     ref = reference_grid()
     rng = np.random.default_rng(3)
     pts = inside_points(ref, 30, rng)
-    with pytest.raises(InputError, match="equal length"):
+    with pytest.raises(InputError, match="rows must correspond"):
         fit_smooth_field(pts, pts[:-1], ref)
     with pytest.raises(InputError, match="at least"):
         fit_smooth_field(pts[:5], pts[:5], ref)
