@@ -20,20 +20,8 @@ FAST = {"spacing_mm": SPACING, "selected_niter": 30}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine is shared; one torch thread is several times faster there than two."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def ct4(chest_crop_path) -> sitk.Image:
-    ct = sitk.Cast(sitk.ReadImage(str(chest_crop_path)), sitk.sitkFloat32)
-    size = [int(round(s * sp / SPACING)) for s, sp in zip(ct.GetSize(), ct.GetSpacing())]
-    smooth = sitk.SmoothingRecursiveGaussian(ct, 1.5)
-    return sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), [SPACING] * 3, ct.GetDirection(), -1024.0, sitk.sitkFloat32)
+def _one_thread(one_thread):
+    """Every test here runs with one torch thread (fixture in conftest.py)."""
 
 
 @pytest.mark.parametrize(
