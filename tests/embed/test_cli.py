@@ -6,6 +6,8 @@ line on stderr, exit code 2 and no output file.
 
 from __future__ import annotations
 
+import importlib.util
+
 import os
 import subprocess
 import sys
@@ -84,8 +86,11 @@ def run_inline(capsys, *args: str) -> tuple[int, str, str]:
 def test_train_embedder_then_embed(files, tmp_path, capsys):
     """One training step with a tiny config, then ``regsam embed`` with the weights it wrote (both in-process: the
     subprocess tests below cover the command as a user runs it)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from conftest import tiny_config
+    # by path: another folder's conftest.py may be the module named "conftest" in this session
+    spec = importlib.util.spec_from_file_location("embed_test_conftest", Path(__file__).with_name("conftest.py"))
+    embed_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(embed_conftest)
+    tiny_config = embed_conftest.tiny_config
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config([str(files["template"])], max_steps=1, checkpoint_every=1)))
