@@ -66,6 +66,9 @@ class TrainConfig:
     grad_clip: float | None = None
     #: torch intra-op threads per process (None: leave torch's default)
     num_threads: int | None = None
+    #: start from these weights (a :func:`regsam.embed.model.save_weights` file, e.g. the shipped ones) with a
+    #: fresh optimiser and schedule; relative paths are tried like ``data`` entries. None: random init.
+    init_weights: str | None = None
 
 
 DEFAULT_MODEL = {
@@ -141,7 +144,18 @@ def load_config(config: str | os.PathLike | dict) -> tuple[dict, list[Path]]:
     return merged, bases
 
 
-def resolve_data(entries: Sequence[str], bases: Sequence[Path]) -> list[str]:
+def _load_init_weights(model: torch.nn.Module, path: str) -> None:
+    """Copy the weights of ``path`` into ``model`` (same architecture), or raise InputError."""
+    from regsam.embed.model import load_embedder
+
+    source = load_embedder(path, device="cpu")
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as exc:
+        raise InputError(f"train.init_weights {path}: does not fit the configured model ({str(exc).splitlines()[0][:160]})") from None
+
+
+def resolve_data(entries: Sequence[str], bases: Sequence[Path], suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
     """Expand ``data`` entries (files, folders, globs, or ``sample-ct``) into image paths (or ``sample-ct``).
 
     Relative entries are tried against each of ``bases`` in order; the first that matches wins.
@@ -161,9 +175,9 @@ def resolve_data(entries: Sequence[str], bases: Sequence[Path]) -> list[str]:
         found: list[str] = []
         for cand in candidates:
             if any(ch in entry for ch in "*?["):
-                found = sorted(p for p in glob.glob(str(cand), recursive=True) if str(p).endswith(IMAGE_SUFFIXES))
+                found = sorted(p for p in glob.glob(str(cand), recursive=True) if str(p).endswith(suffixes))
             elif cand.is_dir():
-                found = sorted(str(p) for p in cand.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+                found = sorted(str(p) for p in cand.iterdir() if p.name.endswith(suffixes))
             elif cand.is_file():
                 found = [str(cand)]
             if found:
@@ -311,6 +325,7 @@ def train_embedder(
     device: str | torch.device | None = None,
     max_steps: int | None = None,
     progress: bool = True,
+    init_weights: str | os.PathLike | None = None,
 ) -> Path:
     """Train a :class:`SAMEmbedder` and return the path of the final weights (``out_dir/weights.pt``).
 
@@ -323,6 +338,8 @@ def train_embedder(
             each rank uses ``cuda:LOCAL_RANK``.
         max_steps: override ``train.max_steps``.
         progress: show a tqdm progress bar (rank 0).
+        init_weights: override ``train.init_weights`` (continue training earlier weights with a new schedule;
+            ignored on ``resume`` from a checkpoint, which holds its own state).
 
     Raises:
         InputError: bad config or data, or ``out_dir`` already holds a checkpoint and ``resume`` is False.
@@ -330,6 +347,8 @@ def train_embedder(
     cfg, bases = load_config(config)
     if max_steps is not None:
         cfg["train"]["max_steps"] = int(max_steps)
+    if init_weights is not None:
+        cfg["train"]["init_weights"] = str(init_weights)
     train_cfg = TrainConfig(**cfg["train"])
     if train_cfg.optimizer not in ("sgd", "adamw"):
         raise InputError(f"train.optimizer must be 'sgd' or 'adamw', got '{train_cfg.optimizer}'")
@@ -361,6 +380,9 @@ def train_embedder(
     objective = OBJECTIVES[cfg["objective"]["name"]](**{**cfg["objective"], "seed": seed + 7919 + 1000 * info.rank})
     scans = load_scans(data_files, crops)
     sampler = TwoViewSampler(scans, crops, seed=seed + 104729 + 1000 * info.rank)
+
+    if train_cfg.init_weights and checkpoint is None:
+        _load_init_weights(model, resolve_data([train_cfg.init_weights], bases, suffixes=(".pt",))[0])
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, train_cfg)
@@ -447,11 +469,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, weights.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    parser.add_argument("--init-weights", default=None, help="start from these weights (override train.init_weights)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        path = train_embedder(args.config, args.out, resume=args.resume, device=args.device, max_steps=args.max_steps, progress=not args.no_progress)
+        path = train_embedder(
+            args.config, args.out, resume=args.resume, device=args.device, max_steps=args.max_steps, progress=not args.no_progress, init_weights=args.init_weights
+        )
     except InputError as exc:
         print(f"regsam: error: {exc}", file=sys.stderr)
         return 2

@@ -112,3 +112,21 @@ def test_learning_rate_schedule():
     assert learning_rate(10, cfg) == pytest.approx(1.0)
     assert learning_rate(110, cfg) == pytest.approx(0.0, abs=1e-12)
     assert learning_rate(50, TrainConfig(lr=0.02)) == pytest.approx(0.02 * (0.001 + 0.999 * 50 / 500))
+
+
+def test_init_weights_start_training_from_earlier_weights(tiny, tmp_path):
+    first = train_embedder(tiny(max_steps=2, checkpoint_every=2), tmp_path / "first", progress=False)
+    # lr 0: the optimiser cannot move the weights, so they stay where training started (norm statistics still update)
+    frozen = tiny(max_steps=1, checkpoint_every=1, lr=0.0, warmup_steps=0)
+    cont = train_embedder(frozen, tmp_path / "cont", init_weights=first, progress=False)
+    fresh = train_embedder(frozen, tmp_path / "fresh", progress=False)
+    a, b, c = (torch.load(p, weights_only=False)["state_dict"] for p in (first, cont, fresh))
+    learned = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert [k for k in learned if not torch.equal(a[k], b[k])] == []
+    assert not all(torch.equal(a[k], c[k]) for k in learned)
+    other = tiny(max_steps=1)
+    other["model"]["fine_dim"] = 8
+    with pytest.raises(InputError, match="does not fit the configured model"):
+        train_embedder(other, tmp_path / "bad", init_weights=first, progress=False)
+    with pytest.raises(InputError, match="matches no image|not found"):
+        train_embedder(frozen, tmp_path / "missing", init_weights=tmp_path / "nope.pt", progress=False)
