@@ -1,14 +1,17 @@
 """Standard benchmark inputs: simulated 4DCT pairs and the public datasets.
 
-``sim4dct`` is built once from the sample CT and cached: five breathing pairs,
-each driven by the motion of one DIR-Lab 4DCT case (1-5) when the DIR-Lab
-landmark files are available, otherwise by the parametric breathing model with
-the same five amplitudes.
+``sim4dct`` is built once from the sample CT (or from CTs the user names, e.g. scans an
+embedder never saw) and cached: five breathing pairs per CT, each driven by the motion of
+one DIR-Lab 4DCT case (1-5) when the DIR-Lab landmark files are available, otherwise by the
+parametric breathing model with the same five amplitudes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from regsam.data.fetch import cache_root, fetch_sample_ct
@@ -44,30 +47,56 @@ def sim4dct_cases(
     spacing_mm: float = SIM4DCT_SPACING_MM,
     rigid_offset: tuple[float, float] | None = None,
     progress=None,
+    source_cts: Sequence[str | os.PathLike] | None = None,
 ) -> list[Path]:
     """Build (once) and return the simulated 4DCT case folders.
 
     Args:
         landmarks_dir: folder with DIR-Lab ``CaseN_300_T00_xyz.txt``/``T50`` files driving the motion;
             default :func:`default_dirlab_landmarks_dir`; parametric motion when none is found.
+        cases: which DIR-Lab cases (1-5) drive the motions, one pair per CT and case.
         rigid_offset: (mm, degrees) extra misalignment, giving the large-offset variant of the set.
+        source_cts: CT files to simulate from (default: the sample CT, with its organ labels for the body
+            points); case folders are named ``<ct name>_caseNN`` then, and cached per file content.
     """
-    from regsam.data.simulate import SimulationConfig, simulate_case_from_file
-
     landmarks = Path(landmarks_dir) if landmarks_dir else default_dirlab_landmarks_dir()
     if landmarks_dir and not (Path(landmarks_dir) / "Case1_300_T00_xyz.txt").is_file():
         raise InputError(f"no DIR-Lab landmark files (Case1_300_T00_xyz.txt ...) in {landmarks_dir}")
+    unknown = [c for c in cases if c not in DIRLAB_MOTIONS]
+    if unknown or not cases:
+        raise InputError(f"sim4dct cases must be among {sorted(DIRLAB_MOTIONS)}, got {list(cases)}")
     source = "dirlab" if landmarks else "parametric"
     offset_tag = f"_offset{rigid_offset[0]:g}mm{rigid_offset[1]:g}deg" if rigid_offset else ""
     root = cache_root(cache_dir) / f"sim4dct-{SIM4DCT_VERSION}-{source}-{spacing_mm:g}mm{offset_tag}"
-    ct_path = fetch_sample_ct(cache_dir)["ct"]
-    labels_path = fetch_sample_ct(cache_dir)["labels"]
+    if source_cts:
+        sources = [(_ct_tag(Path(ct)), Path(ct), None) for ct in source_cts]
+    else:
+        sample = fetch_sample_ct(cache_dir)
+        sources = [("sim4dct", sample["ct"], sample["labels"])]
+    folders = []
+    for tag, ct_path, labels_path in sources:
+        folders += _simulate_cases(root, tag, ct_path, labels_path, landmarks, cases, rigid_offset, spacing_mm, progress)
+    return folders
+
+
+def _ct_tag(ct: Path) -> str:
+    """A cache-safe name for a user CT: its stem plus a short hash of its content."""
+    if not ct.is_file():
+        raise InputError(f"CT not found: {ct}")
+    digest = hashlib.sha256(ct.read_bytes()).hexdigest()[:8]
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", ct.name.split(".")[0]).strip("_") or "ct"
+    return f"{stem}_{digest}"
+
+
+def _simulate_cases(root, tag, ct_path, labels_path, landmarks, cases, rigid_offset, spacing_mm, progress) -> list[Path]:
+    from regsam.data.simulate import SimulationConfig, simulate_case_from_file
+
     folders = []
     for case_id in cases:
-        folder = root / f"sim4dct_case{case_id:02d}"
+        folder = root / f"{tag}_case{case_id:02d}"
         if not (folder / "meta.json").is_file():
             if progress:
-                progress(f"simulating {folder.name} ({source} motion) ...")
+                progress(f"simulating {folder.name} ({'dirlab' if landmarks else 'parametric'} motion) ...")
             spacing, mean_motion = DIRLAB_MOTIONS[case_id]
             config = SimulationConfig(
                 seed=case_id,
