@@ -1,7 +1,7 @@
 """Embedder benchmarks behind ``benchmarks/embedder.md``. Run from the repository root (``../shared`` beside it).
 
     python benchmarks/embedder_bench.py cases runs/match_cases      # 4 held-out breathing pairs (case folders)
-    regsam bench --task match --cases runs/match_cases --methods sam,sam:cycle,sam:cycle+adapt20 --out runs/bench_match
+    regsam bench --task match --cases runs/match_cases --methods sam,sam:cycle,sam:nearest,sam:nearest+cycle --out runs/bench_match
     python benchmarks/embedder_bench.py table runs/bench_match      # cycle-kept share / TRE, embed time per scan
     python benchmarks/embedder_bench.py speed                       # embedding time / memory vs peers, sample CT
     python benchmarks/embedder_bench.py adapt                       # test-time adaptation: 0 vs 20 vs 50 steps

@@ -14,13 +14,15 @@ from pathlib import Path
 from regsam.errors import InputError
 
 
-def _floats(text: str, count: int, what: str) -> tuple[float, ...]:
+def _floats(text: str, count: int | None, what: str) -> tuple[float, ...]:
+    """Comma-separated numbers; ``count`` of them (None: any number, at least one)."""
+    expected = f"{count}" if count is not None else "one or more"
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise InputError(f"{what}: expected {count} comma-separated numbers, got '{text}'") from None
-    if len(values) != count:
-        raise InputError(f"{what}: expected {count} comma-separated numbers, got '{text}'")
+        raise InputError(f"{what}: expected {expected} comma-separated numbers, got '{text}'") from None
+    if len(values) != count and count is not None:
+        raise InputError(f"{what}: expected {expected} comma-separated numbers, got '{text}'")
     return values
 
 
@@ -130,13 +132,15 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fixed", help="fixed image (the grid of the result)")
     p.add_argument("moving", help="moving image")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", default="elastix", help="registration method (default: elastix)")
-    p.add_argument("--preset", default=None, help="method preset, e.g. lung or fast for elastix")
+    p.add_argument("--method", default="elastix",
+                   help="registration method: elastix, sam, sam+elastix, convexadam (default: elastix)")
+    p.add_argument("--preset", default=None, help="method preset, e.g. lung or fast for elastix and sam+elastix")
     p.add_argument("--fixed-mask", default=None, help="mask of the fixed image (non-zero inside)")
     p.add_argument("--moving-mask", default=None, help="mask of the moving image (non-zero inside)")
-    p.add_argument("--stages", default=None, help="sam: comma-separated stages to run (affine,coarse,deformable)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="sam/convexadam: torch device")
-    p.add_argument("--weights", default=None, help="sam: embedder weights file (default: shipped weights)")
+    p.add_argument("--stages", default=None,
+                   help="comma-separated stages to run: sam affine,coarse,deformable; sam+elastix affine,bspline")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="sam, sam+elastix, convexadam: torch device")
+    p.add_argument("--weights", default=None, help="sam, sam+elastix: embedder weights file (default: shipped weights)")
     p.set_defaults(func=_cmd_register)
 
 
@@ -182,7 +186,13 @@ def _bench_case_dirs(args: argparse.Namespace) -> list[Path]:
     if args.cases:
         return find_case_folders(args.cases)
     if args.dataset == "sim4dct":
-        return sim4dct_cases(landmarks_dir=args.landmarks, progress=lambda t: print(t, file=sys.stderr, flush=True))
+        return sim4dct_cases(
+            landmarks_dir=args.landmarks,
+            cases=tuple(int(v) for v in _floats(args.sim_cases, None, "--sim-cases")),
+            rigid_offset=_floats(args.rigid_offset, 2, "--rigid-offset") if args.rigid_offset else None,
+            source_cts=args.ct,
+            progress=lambda t: print(t, file=sys.stderr, flush=True),
+        )
     if args.dataset in ("dirlab4dct", "copdgene"):
         if not args.root:
             raise InputError(f"--dataset {args.dataset} needs --root (the folder of your download)")
@@ -206,6 +216,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=["sim4dct", "dirlab4dct", "copdgene"], default=None)
     p.add_argument("--root", default=None, help="download folder for --dataset dirlab4dct/copdgene")
     p.add_argument("--landmarks", default=None, help="DIR-Lab landmark folder driving sim4dct motion")
+    p.add_argument("--ct", action="append", default=None, metavar="CT",
+                   help="build sim4dct from this CT instead of the sample CT (repeatable; e.g. scans the embedder never saw)")
+    p.add_argument("--sim-cases", default="1,2,3,4,5", metavar="K,K",
+                   help="DIR-Lab cases whose motion drives the sim4dct pairs (default 1,2,3,4,5)")
+    p.add_argument("--rigid-offset", default=None, metavar="MM,DEG",
+                   help="sim4dct with an extra rigid misalignment (translation length, rotation angle)")
     p.add_argument("--methods", default="elastix:lung", help="comma-separated METHOD[:PRESET] (default elastix:lung)")
     p.add_argument("--task", choices=["register", "match"], default="register")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per (case, method)")
@@ -237,7 +253,7 @@ def _cmd_train_embedder(args: argparse.Namespace) -> int:
     from regsam.embed.commands import train_embedder_command
 
     path = train_embedder_command(args.config, args.out, resume=args.resume, max_steps=args.max_steps, device=args.device,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, init_weights=args.init_weights)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"weights: {path}")
     return 0
@@ -254,7 +270,8 @@ def _cmd_match(args: argparse.Namespace) -> int:
     from regsam.embed.commands import match_command
 
     out = match_command(args.template, args.points, args.target, args.out, weights=args.weights,
-                        cycle_tolerance_mm=args.cycle_tolerance, adapt_steps=args.adapt_steps, device=args.device)
+                        cycle_tolerance_mm=args.cycle_tolerance, adapt_steps=args.adapt_steps, device=args.device,
+                        mode=args.mode)
     print(f"wrote {out}")
     return 0
 
@@ -265,6 +282,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, weights.pt)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--init-weights", default=None, metavar="PT",
+                   help="start from these weights with a fresh optimiser (e.g. regsam/weights/sam_chest.pt)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_embedder)
@@ -283,6 +302,9 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True, help="image to find the points in")
     p.add_argument("--out", required=True, help="output CSV: x,y,z (mm, in the target),score,valid")
     p.add_argument("--weights", default=None, help="embedder weights (default: shipped regsam/weights/sam_chest.pt)")
+    p.add_argument("--mode", choices=["consensus", "nearest"], default="consensus",
+                   help="consensus (default): read each point off a smooth map fitted to dense embedding matches; "
+                        "nearest: per-point coarse-to-fine nearest-neighbour search (SAM's own)")
     p.add_argument("--cycle-tolerance", type=float, default=None, metavar="MM",
                    help="match back into the template; valid=1 only if it returns within MM")
     p.add_argument("--adapt-steps", type=int, default=0, metavar="N",

@@ -1,13 +1,15 @@
 """``regsam bench --task match``: score SAM point matching on case folders.
 
-Methods: ``sam`` (plain coarse-to-fine matching), with an optional preset of ``+``-joined parts:
+Methods: ``sam`` (the default matcher, consensus matching, :mod:`regsam.embed.consensus`), with an optional
+preset of ``+``-joined parts:
 
+* ``nearest``: per-point coarse-to-fine nearest-neighbour search instead (SAM's own inference);
 * ``cycle``: cycle check (match back into the fixed image, keep if within :data:`CYCLE_TOLERANCE_MM`); the TRE
   stays over *all* points (comparable with ``sam``), and the kept share and the TRE of the kept points are added
   (point set ``<name>_kept`` in ``results.json``);
 * ``adaptN``: N test-time adaptation steps on the pair before embedding (:mod:`regsam.embed.adapt`).
 
-e.g. ``--methods sam,sam:cycle,sam:cycle+adapt20``.
+e.g. ``--methods sam,sam:nearest,sam:nearest+cycle,sam:nearest+cycle+adapt20``.
 
 Each (case, method) runs in its own process (``python -m regsam.bench.match_task CASE RUN_DIR``) so its peak
 memory (``ru_maxrss``) is its own, as for the register task. For every point set of the case, each fixed point is
@@ -40,18 +42,21 @@ DEVICE_ENV = "REGSAM_MATCH_DEVICE"
 
 
 def parse_preset(preset: str | None) -> dict:
-    """``None`` / ``cycle`` / ``adapt20`` / ``cycle+adapt20`` -> ``{"cycle_tolerance_mm": float | None, "adapt_steps": int}``."""
-    options = {"cycle_tolerance_mm": None, "adapt_steps": 0}
+    """``None`` / ``nearest`` / ``cycle`` / ``adapt20`` / ``nearest+cycle+adapt20`` ->
+    ``{"mode": "consensus" | "nearest", "cycle_tolerance_mm": float | None, "adapt_steps": int}``."""
+    options = {"mode": "consensus", "cycle_tolerance_mm": None, "adapt_steps": 0}
     for part in (preset or "").split("+"):
         part = part.strip()
         if not part:
             continue
         if part == "cycle":
             options["cycle_tolerance_mm"] = CYCLE_TOLERANCE_MM
+        elif part == "nearest":
+            options["mode"] = "nearest"
         elif re.fullmatch(r"adapt\d+", part):
             options["adapt_steps"] = int(part[5:])
         else:
-            raise InputError(f"unknown sam match preset part '{part}' (use cycle, adaptN, or both joined by '+')")
+            raise InputError(f"unknown sam match preset part '{part}' (use nearest, cycle, adaptN, joined by '+')")
     return options
 
 
@@ -68,9 +73,8 @@ def match_case(case, preset: str | None, run_dir: str | os.PathLike, device: str
     import torch
 
     from regsam.bench.tre import summarize_errors
-    from regsam.embed.commands import check_embeddable, checked_device, write_matches_csv
+    from regsam.embed.commands import check_embeddable, checked_device, make_matcher, write_matches_csv
     from regsam.embed.inference import embed_image
-    from regsam.embed.matching import match_points
     from regsam.embed.model import load_embedder
     from regsam.io.images import read_image
 
@@ -102,8 +106,9 @@ def match_case(case, preset: str | None, run_dir: str | os.PathLike, device: str
     t = time.perf_counter()
     point_sets: dict[str, dict] = {}
     kept_share: dict[str, float] = {}
+    matcher = make_matcher(options["mode"], fixed, fixed_emb, moving, moving_emb, options["cycle_tolerance_mm"], dev)
     for name, (fixed_pts, moving_pts) in case.point_sets.items():
-        result = match_points(fixed_emb, fixed_pts, moving_emb, cycle_tolerance_mm=options["cycle_tolerance_mm"], device=dev)
+        result = matcher(fixed_pts)
         errors = np.linalg.norm(result.matched - np.asarray(moving_pts), axis=1)
         point_sets[name] = {"tre": summarize_errors(errors), "errors": errors.tolist()}
         if options["cycle_tolerance_mm"] is not None:

@@ -33,7 +33,7 @@ DEFAULT_METHODS = ("elastix:lung",)
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method and its preset as written on the command line: ``elastix:fast`` or ``sam``."""
+    """A method and its preset as written on the command line: ``elastix:fast``, ``sam`` or ``sam+elastix:fast``."""
 
     method: str
     preset: str | None = None
@@ -44,9 +44,13 @@ class MethodSpec:
 
     @classmethod
     def parse(cls, text: str) -> MethodSpec:
+        from regsam.register.api import METHODS
+
         method, _, preset = text.strip().partition(":")
         if not method:
             raise InputError(f"empty method name in '{text}'")
+        if method not in METHODS:
+            raise InputError(f"unknown method '{method}' in '{text.strip()}' (known: {', '.join(sorted(METHODS))})")
         return cls(method, preset or None)
 
 

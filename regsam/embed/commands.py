@@ -31,6 +31,33 @@ if TYPE_CHECKING:  # torch and the model (MONAI) are imported only when needed: 
 
 #: header of the CSV written by :func:`write_matches_csv`
 MATCH_COLUMNS = ("x", "y", "z", "score", "valid")
+#: how template points are found in the target: ``consensus`` (the default; a smooth map fitted to dense
+#: embedding matches, :mod:`regsam.embed.consensus`) or ``nearest`` (per-point coarse-to-fine nearest
+#: neighbour, SAM's own inference, :func:`regsam.embed.matching.match_points`)
+MATCH_MODES = ("consensus", "nearest")
+DEFAULT_MATCH_MODE = "consensus"
+
+
+def check_match_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MATCH_MODES`, else :class:`InputError`."""
+    if mode not in MATCH_MODES:
+        raise InputError(f"unknown match mode '{mode}' (choose {' or '.join(MATCH_MODES)})")
+    return mode
+
+
+def make_matcher(mode, template, template_emb, target, target_emb, cycle_tolerance_mm=None, device=None):
+    """A function (N, 3) template points (mm) -> :class:`~regsam.embed.matching.MatchResult` for one image pair.
+
+    ``mode`` is one of :data:`MATCH_MODES`; a consensus matcher fits its maps once and reuses them.
+    """
+    check_match_mode(mode)
+    if mode == "consensus":
+        from regsam.embed.consensus import ConsensusMatcher
+
+        return ConsensusMatcher(template, template_emb, target, target_emb, cycle_tolerance_mm=cycle_tolerance_mm, device=device)
+    from regsam.embed.matching import match_points
+
+    return lambda points: match_points(template_emb, points, target_emb, cycle_tolerance_mm=cycle_tolerance_mm, device=device)
 
 
 def checked_device(device: str | torch.device | None) -> torch.device:
@@ -97,6 +124,7 @@ def train_embedder_command(
     max_steps: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    init_weights: str | os.PathLike | None = None,
 ) -> Path:
     """Train an embedder (see :func:`regsam.embed.train.train_embedder`); return the weights path.
 
@@ -109,7 +137,9 @@ def train_embedder_command(
     if device is not None:
         checked_device(device)
     try:
-        return train_embedder(config, out, resume=resume, device=device, max_steps=max_steps, progress=progress)
+        return train_embedder(
+            config, out, resume=resume, device=device, max_steps=max_steps, progress=progress, init_weights=init_weights
+        )
     finally:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
@@ -158,11 +188,13 @@ def match_images(
     adapt_config: dict | None = None,
     device: str | torch.device | None = None,
     timings: dict | None = None,
+    mode: str = DEFAULT_MATCH_MODE,
 ) -> MatchResult:
     """Find the counterparts of template points (N, 3 mm world LPS) in the target.
 
     Args:
         model: an embedder (default: :func:`regsam.embed.model.load_embedder` of ``weights``).
+        mode: ``consensus`` (default) or ``nearest`` (see :data:`MATCH_MODES`).
         cycle_tolerance_mm: keep (``valid``) only matches that come back within this distance.
         adapt_steps: test-time adaptation steps on (template, target) before embedding
             (:func:`regsam.embed.adapt.adapt_embedder`); 0 = none (the default: see
@@ -176,9 +208,10 @@ def match_images(
     import time
 
     from regsam.embed.inference import embed_image
-    from regsam.embed.matching import _as_points, match_points
+    from regsam.embed.matching import _as_points
     from regsam.embed.model import load_embedder
 
+    check_match_mode(mode)
     points = _as_points(points_mm, "points")
     check_points_inside(template, points, "template")
     if cycle_tolerance_mm is not None and not (np.isfinite(cycle_tolerance_mm) and cycle_tolerance_mm > 0):
@@ -201,7 +234,7 @@ def match_images(
     t2 = time.perf_counter()
     target_emb = embed_image(model, target, device=dev)
     t3 = time.perf_counter()
-    result = match_points(template_emb, points, target_emb, cycle_tolerance_mm=cycle_tolerance_mm, device=dev)
+    result = make_matcher(mode, template, template_emb, target, target_emb, cycle_tolerance_mm, dev)(points)
     t4 = time.perf_counter()
     times.update(adapt_s=t1 - t0, embed_template_s=t2 - t1, embed_target_s=t3 - t2, match_s=t4 - t3)
     return result
@@ -245,12 +278,14 @@ def match_command(
     cycle_tolerance_mm: float | None = None,
     adapt_steps: int = 0,
     device: str | None = None,
+    mode: str = DEFAULT_MATCH_MODE,
 ) -> Path:
     """Match the points of a points file (any format :func:`regsam.io.landmarks.read_points` reads;
     voxel-index formats refer to the template) from the template image into the target image; write ``out``."""
     from regsam.io.images import read_image
     from regsam.io.landmarks import read_points
 
+    check_match_mode(mode)
     template_image = read_image(template, "template")
     target_image = read_image(target, "target")
     pts = read_points(points, reference=template_image)
@@ -261,6 +296,6 @@ def match_command(
         raise InputError(f"--adapt-steps must be >= 0, got {adapt_steps}")
     result = match_images(
         template_image, pts, target_image, weights=weights, cycle_tolerance_mm=cycle_tolerance_mm,
-        adapt_steps=adapt_steps, device=device,
+        adapt_steps=adapt_steps, device=device, mode=mode,
     )
     return write_matches_csv(result, out)

@@ -314,3 +314,27 @@ def match_points(
         valid=valid.cpu().numpy(),
         cycle_error_mm=None if cycle is None else cycle.cpu().numpy(),
     )
+
+
+def similarity_at(
+    template_emb: Embedding,
+    points_mm: np.ndarray,
+    target_emb: Embedding,
+    target_points_mm: np.ndarray,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """(N,) score ((fine cosine + coarse cosine) / 2, as :class:`MatchResult`) of template point i at target point i.
+
+    Both point sets are (N, 3) world mm; embeddings are read trilinearly (points outside a grid are clamped to it).
+    """
+    points = _as_points(points_mm, "points_mm")
+    targets = _as_points(target_points_mm, "target_points_mm")
+    if len(points) != len(targets):
+        raise InputError(f"{len(points)} template points but {len(targets)} target points")
+    dev = resolve_device(device)
+    (t_fine, t_coarse), (g_fine, g_coarse) = _levels(template_emb, dev), _levels(target_emb, dev)
+    p, q = torch.from_numpy(points).to(dev), torch.from_numpy(targets).to(dev)
+    with torch.inference_mode():
+        fine = (t_fine.sample(t_fine.to_index(p)) * g_fine.sample(g_fine.to_index(q))).sum(dim=1)
+        coarse = (t_coarse.sample(t_coarse.to_index(p)) * g_coarse.sample(g_coarse.to_index(q))).sum(dim=1)
+    return ((fine + coarse) / 2.0).cpu().numpy()

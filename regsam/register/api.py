@@ -199,3 +199,13 @@ def _sam(fixed: sitk.Image, moving: sitk.Image, **kwargs) -> RegistrationResult:
 
 
 METHODS["sam"] = _sam
+
+
+def _sam_elastix(fixed: sitk.Image, moving: sitk.Image, **kwargs) -> RegistrationResult:
+    """SAM affine + SAM correspondences -> elastix B-spline, presets ``lung`` (default) and ``fast``; see ``register_sam_elastix``."""
+    from regsam.register.sam_elastix import register_sam_elastix
+
+    return register_sam_elastix(fixed, moving, **kwargs)
+
+
+METHODS["sam+elastix"] = _sam_elastix

@@ -15,6 +15,17 @@ The displacement field is transformix's deformation field on the fixed grid
 through it. Elastix writes its files and logs into a temporary folder, never the
 current directory; the final TransformParameters files and the logs are kept as
 result artifacts (``elastix/`` in a result folder).
+
+Two additions serve ``--method sam+elastix`` (:mod:`regsam.register.sam_elastix`) and any caller:
+
+* ``initial_transform``: a linear SimpleITK transform (fixed -> moving, mm) that elastix starts
+  from. It becomes the first TransformParameters map (an elastix ``AffineTransform``, see
+  :func:`linear_to_parameter_map`); every stage composes onto it, and the field, the saved
+  TransformParameters files and ``affine`` all include it.
+* ``corresponding_points``: fixed/moving point pairs added to the named stages (default the
+  B-spline ones) as elastix's ``CorrespondingPointsEuclideanDistanceMetric``, an extra metric
+  of the multi-metric registration, with one (relative) weight per resolution
+  (:func:`add_points_metric`). The point files (elastix ``point`` format) are kept as artifacts.
 """
 
 from __future__ import annotations
@@ -36,8 +47,9 @@ import SimpleITK as sitk  # noqa: E402
 
 from regsam.errors import InputError  # noqa: E402
 from regsam.io.images import AIR_HU  # noqa: E402
+from regsam.io.landmarks import as_points, write_elastix_points  # noqa: E402
 from regsam.io.transforms import warp_image  # noqa: E402
-from regsam.register.result import RegistrationResult  # noqa: E402
+from regsam.register.result import RegistrationResult, linear_to_matrix  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "elastix"
 
@@ -55,6 +67,12 @@ _STAGE_NAMES = {
     "AffineTransform": "affine",
     "BSplineTransform": "bspline",
     "RecursiveBSplineTransform": "bspline",
+}
+#: Linear SimpleITK transforms (3D) that :func:`linear_to_parameter_map` accepts.
+_SITK_LINEAR = {
+    "AffineTransform", "Euler3DTransform", "TranslationTransform", "Similarity3DTransform", "VersorRigid3DTransform",
+    "VersorTransform", "ScaleTransform", "ScaleVersor3DTransform", "ScaleSkewVersor3DTransform",
+    "ComposeScaleSkewVersor3DTransform",
 }
 #: Linear elastix transforms and their number of parameters (3D).
 _LINEAR = {"TranslationTransform": 3, "EulerTransform": 6, "SimilarityTransform": 7, "AffineTransform": 12}
@@ -233,6 +251,96 @@ def leading_affine(pmaps: Sequence[Mapping[str, Sequence[str]]]) -> sitk.AffineT
     return affine
 
 
+def linear_to_parameter_map(transform: sitk.Transform, fixed: sitk.Image) -> dict[str, list[str]]:
+    """An elastix ``AffineTransform`` TransformParameters map equal to a linear sitk transform (fixed -> moving).
+
+    The inverse of :func:`elastix_linear_to_sitk`: elastix maps ``x`` to ``A (x - c) + t + c``,
+    parameters A row by row then t, ``c`` = CenterOfRotationPoint. The map carries the fixed
+    image's geometry (elastix writes ``Direction`` column by column), so it can serve as an
+    initial transform of a registration or as a stage of a transformix chain.
+    """
+    if transform.GetDimension() != 3:
+        raise InputError(f"initial transform is {transform.GetDimension()}D; a 3D linear transform is required")
+    if type(transform) is sitk.Transform and hasattr(transform, "Downcast"):
+        transform = transform.Downcast()
+    if transform.GetName() not in _SITK_LINEAR:
+        raise InputError(f"initial transform {transform.GetName()} is not linear; give an affine, rigid or translation")
+    matrix = linear_to_matrix(transform)
+    center = np.zeros(3)
+    if hasattr(transform, "GetCenter"):
+        center = np.array(transform.GetCenter(), dtype=np.float64)
+    a = matrix[:3, :3]
+    t = matrix[:3, 3] + a @ center - center  # A (x - c) + t + c == A x + offset
+    direction = np.array(fixed.GetDirection(), dtype=np.float64).reshape(3, 3)
+
+    def nums(values) -> list[str]:
+        return [repr(float(v)) for v in values]
+
+    return {
+        "Transform": ["AffineTransform"],
+        "NumberOfParameters": ["12"],
+        "TransformParameters": nums(list(a.ravel()) + list(t)),
+        "CenterOfRotationPoint": nums(center),
+        "InitialTransformParameterFileName": ["NoInitialTransform"],
+        "HowToCombineTransforms": ["Compose"],
+        "FixedImageDimension": ["3"],
+        "MovingImageDimension": ["3"],
+        "FixedInternalImagePixelType": ["float"],
+        "MovingInternalImagePixelType": ["float"],
+        "Size": [str(int(v)) for v in fixed.GetSize()],
+        "Index": ["0", "0", "0"],
+        "Spacing": nums(fixed.GetSpacing()),
+        "Origin": nums(fixed.GetOrigin()),
+        "Direction": nums(direction.T.ravel()),
+        "UseDirectionCosines": ["true"],
+        "ResampleInterpolator": ["FinalBSplineInterpolator"],
+        "FinalBSplineInterpolationOrder": ["3"],
+        "Resampler": ["DefaultResampler"],
+        "DefaultPixelValue": [repr(float(AIR_HU))],
+        "ResultImageFormat": ["nii"],
+        "ResultImagePixelType": ["float"],
+        "CompressResultImage": ["false"],
+    }
+
+
+#: elastix's name of the point-correspondence metric
+POINTS_METRIC = "CorrespondingPointsEuclideanDistanceMetric"
+
+
+def add_points_metric(pmap: dict[str, list[str]], weights: float | Sequence[float]) -> int:
+    """Append :data:`POINTS_METRIC` to a stage's metrics, with its weight per resolution; return its index.
+
+    The stage must use ``MultiMetricMultiResolutionRegistration``. Elastix reads ``Metric<i>Weight``
+    (or ``Metric<i>RelativeWeight`` when ``UseRelativeWeights`` is true, as in the regsam presets)
+    once per resolution level, so ``weights`` may hold one value per resolution (a single value
+    applies to all). With relative weights, the points' gradient is rescaled every iteration to
+    ``weight`` times the magnitude of metric 0's (the image similarity's) gradient.
+    """
+    if pmap.get("Registration", [""])[0] != "MultiMetricMultiResolutionRegistration":
+        raise InputError(
+            f"corresponding points need (Registration \"MultiMetricMultiResolutionRegistration\") in the "
+            f"{pmap['Transform'][0]} stage, it has {pmap.get('Registration', ['(none)'])[0]}"
+        )
+    levels = int(pmap.get("NumberOfResolutions", ["1"])[0])
+    values = [float(w) for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
+    if len(values) == 1:
+        values = values * levels
+    if len(values) != levels or not all(np.isfinite(values)) or any(v < 0 for v in values):
+        raise InputError(f"points weights: expected 1 or {levels} finite values >= 0 (one per resolution), got {values}")
+    metrics = list(pmap.get("Metric", []))
+    if POINTS_METRIC in metrics:
+        raise InputError(f"the {pmap['Transform'][0]} stage already has a {POINTS_METRIC}")
+    index = len(metrics)
+    pmap["Metric"] = metrics + [POINTS_METRIC]
+    pmap[_weight_key(pmap, index)] = [repr(v) for v in values]
+    return index
+
+
+def _weight_key(pmap: Mapping[str, Sequence[str]], index: int) -> str:
+    relative = pmap.get("UseRelativeWeights", ["false"])[0] == "true"
+    return f"Metric{index}{'Relative' if relative else ''}Weight"
+
+
 # ------------------------------------------------------------------ running elastix
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
@@ -323,6 +431,10 @@ def register_elastix(
     stages: Sequence[str] | None = None,
     seed: int | None = None,
     keep_logs: bool = True,
+    initial_transform: sitk.Transform | None = None,
+    corresponding_points: tuple[np.ndarray, np.ndarray] | None = None,
+    points_weights: float | Sequence[float] = 0.1,
+    points_stages: Sequence[str] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with elastix; the images are assumed validated (see ``api.register``).
 
@@ -336,6 +448,13 @@ def register_elastix(
         stages: run only these stages (by name), e.g. ``("affine",)``.
         seed: elastix ``RandomSeed`` of the random samplers (default: the files' value).
         keep_logs: keep the elastix logs as result artifacts (``elastix/elastix_<stage>.log``).
+        initial_transform: a linear transform (fixed -> moving, mm) to start from; it is the first
+            map of the result's TransformParameters files and part of ``affine`` and the field.
+            Leave out the preset's own linear stages with ``stages`` if it replaces them.
+        corresponding_points: ``(fixed_points, moving_points)``, (N, 3) mm each, row i with row i:
+            added to ``points_stages`` as :data:`POINTS_METRIC` (see :func:`add_points_metric`).
+        points_weights: the points metric's (relative) weight, one value or one per resolution.
+        points_stages: stage names that get the points metric (default: the B-spline stages).
 
     Returns:
         RegistrationResult with method ``"elastix"``, timings per stage (plus ``field`` and
@@ -371,6 +490,27 @@ def register_elastix(
             pmap[str(key)] = _values(value)
         if seed is not None:
             pmap["RandomSeed"] = [str(int(seed))]
+    point_pairs = None
+    if corresponding_points is not None:
+        fixed_pts = as_points(corresponding_points[0], "fixed corresponding points")
+        moving_pts = as_points(corresponding_points[1], "moving corresponding points")
+        if len(fixed_pts) != len(moving_pts) or len(fixed_pts) == 0:
+            raise InputError(
+                f"corresponding points: {len(fixed_pts)} fixed and {len(moving_pts)} moving points; "
+                "need the same number, at least one"
+            )
+        targets = list(points_stages) if points_stages is not None else [
+            n for n, m in zip(names, pmaps) if m["Transform"][0] in ("BSplineTransform", "RecursiveBSplineTransform")
+        ]
+        unknown = [t for t in targets if t not in names]
+        if unknown or not targets:
+            raise InputError(f"points_stages: unknown or no stage(s) {', '.join(unknown) or '(none)'} (stages: {', '.join(names)})")
+        used_weights = {}
+        for pmap, name in zip(pmaps, names):
+            if name in targets:
+                used_weights[name] = [float(v) for v in pmap[_weight_key(pmap, add_points_metric(pmap, points_weights))]]
+        point_pairs = (fixed_pts, moving_pts, set(targets))
+    initial_maps = [linear_to_parameter_map(initial_transform, fixed)] if initial_transform is not None else []
 
     # "setup" includes loading itk-elastix's modules on first use (~20 s per process).
     timings: dict[str, float] = {"setup": time.perf_counter() - setup_start}
@@ -384,13 +524,21 @@ def register_elastix(
     moving_mask_itk = _mask_to_itk(moving_mask) if moving_mask is not None else None
     timings["convert"] = time.perf_counter() - start
 
-    transform_object = None
+    transform_object = _parameter_object(initial_maps) if initial_maps else None
     with tempfile.TemporaryDirectory(prefix="regsam-elastix-") as tmp:
+        if point_pairs is not None:
+            fixed_point_file = write_elastix_points(point_pairs[0], Path(tmp) / "fixed_points.txt")
+            moving_point_file = write_elastix_points(point_pairs[1], Path(tmp) / "moving_points.txt")
+            artifacts["elastix/fixed_points.txt"] = fixed_point_file.read_text()
+            artifacts["elastix/moving_points.txt"] = moving_point_file.read_text()
         for i, (pmap, name) in enumerate(zip(pmaps, names)):
             stage_dir = Path(tmp) / f"{i}_{name}"
             stage_dir.mkdir()
             reg = itk.ElastixRegistrationMethod.New(fixed_itk, moving_itk)
             reg.SetParameterObject(_parameter_object([pmap]))
+            if point_pairs is not None and name in point_pairs[2]:
+                reg.SetFixedPointSetFileName(str(fixed_point_file))
+                reg.SetMovingPointSetFileName(str(moving_point_file))
             if fixed_mask_itk is not None:
                 reg.SetFixedMask(fixed_mask_itk)
             if moving_mask_itk is not None:
@@ -419,6 +567,7 @@ def register_elastix(
                     "transform": pmap["Transform"][0],
                     "parameter_file": str(files[i]),
                     "final_metric": _final_metric(log),
+                    "metrics": list(pmap.get("Metric", [])),
                     "seconds": round(timings[name], 3),
                 }
             )
@@ -451,6 +600,13 @@ def register_elastix(
             "overrides": {str(k): _values(v) for k, v in (overrides or {}).items()},
             "stage_overrides": {s: {str(k): _values(v) for k, v in o.items()} for s, o in (stage_overrides or {}).items()},
             "seed": seed,
+            "initial_transform": initial_transform is not None,
+            "corresponding_points": None if point_pairs is None else {
+                "count": int(len(point_pairs[0])),
+                "stages": sorted(point_pairs[2]),
+                "metric": POINTS_METRIC,
+                "weights": used_weights,
+            },
             "fixed_mask": fixed_mask is not None,
             "moving_mask": moving_mask is not None,
             "itk_elastix": _itk_elastix_version(),

@@ -81,7 +81,8 @@ def grid_points_in_mask(mask: sitk.Image, spacing_mm: float) -> np.ndarray:
     return np.asarray(mask.GetOrigin()) + (index * np.asarray(mask.GetSpacing())) @ direction.T
 
 
-def _body_mask(image: sitk.Image) -> sitk.Image:
+def body_mask(image: sitk.Image) -> sitk.Image:
+    """The body (or, for a non-chest image, everything denser than air): where the fixed points are matched from."""
     from regsam.data.masks import threshold_masks
 
     try:
@@ -92,6 +93,9 @@ def _body_mask(image: sitk.Image) -> sitk.Image:
     if not np.any(sitk.GetArrayViewFromImage(body)):
         raise InputError("fixed image: no body voxels found (nothing denser than air)")
     return body
+
+
+_body_mask = body_mask  # the former private name
 
 
 def find_correspondences(fixed_emb, moving_emb, fixed_body: sitk.Image, preset: SamPreset, device=None) -> Correspondences:
@@ -108,6 +112,48 @@ def find_correspondences(fixed_emb, moving_emb, fixed_body: sitk.Image, preset: 
     )
     keep = result.valid & (result.score >= preset.min_score)
     return Correspondences(points, result.matched, result.score, keep, np.zeros(len(points), bool))
+
+
+def embed_pair(fixed: sitk.Image, moving: sitk.Image, weights: str | None = None, device: str | None = None):
+    """Embed both images with the embedder ``weights`` (default: the shipped one): ``(fixed_emb, moving_emb, device)``."""
+    from regsam.embed.inference import embed_image
+    from regsam.embed.model import load_embedder
+
+    model = load_embedder(weights, device=device)
+    dev = next(model.parameters()).device
+    return embed_image(model, fixed, device=dev), embed_image(model, moving, device=dev), dev
+
+
+def match_correspondences(fixed: sitk.Image, fixed_emb, moving_emb, preset: SamPreset, device=None, min_kept: int = 8) -> Correspondences:
+    """:func:`find_correspondences` from the fixed body (:func:`body_mask`); InputError if fewer than ``min_kept`` are kept."""
+    corr = find_correspondences(fixed_emb, moving_emb, body_mask(fixed), preset, device=device)
+    if corr.valid.sum() < min_kept:
+        raise InputError(
+            f"only {int(corr.valid.sum())} reliable SAM correspondences (of {len(corr.fixed)}); "
+            "the images may not show the same anatomy"
+        )
+    return corr
+
+
+def fit_correspondence_affine(corr: Correspondences, preset: SamPreset, seed: int = 0):
+    """RANSAC affine (fixed -> moving) of the kept correspondences; marks ``corr.inlier``, returns the ``AffineFit``."""
+    from regsam.register.affine import fit_affine_ransac
+
+    keep = np.flatnonzero(corr.valid)
+    try:
+        fit = fit_affine_ransac(
+            corr.fixed[keep], corr.moving[keep], weights=corr.score[keep], threshold_mm=preset.ransac_threshold_mm, seed=seed
+        )
+    except InputError as exc:
+        raise InputError(f"SAM correspondences: {exc}") from None
+    corr.inlier[:] = False
+    corr.inlier[keep[fit.inliers]] = True
+    return fit
+
+
+def affine_summary(fit) -> dict[str, Any]:
+    """The summary.json entry of a SAM affine fit."""
+    return {"inliers": int(fit.n_inliers), "rms_inlier_mm": float(fit.rms_inlier_mm), "matrix": fit.matrix.tolist()}
 
 
 def shared_pca_features(fixed_fine: np.ndarray, moving_fine: np.ndarray, components: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -162,9 +208,6 @@ def register_sam(
         device: ``cpu`` or ``cuda`` (default: CUDA when available).
         weights: embedder weights file (default: the shipped ``regsam/weights/sam_chest.pt``).
     """
-    from regsam.embed.inference import embed_image
-    from regsam.embed.model import load_embedder
-    from regsam.register.affine import fit_affine_ransac
     from regsam.register.coarse import fit_smooth_field
     from regsam.register.deformable import refine_deformable
 
@@ -180,10 +223,7 @@ def register_sam(
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    model = load_embedder(weights, device=device)
-    dev = next(model.parameters()).device
-    fixed_emb = embed_image(model, fixed, device=dev)
-    moving_emb = embed_image(model, moving, device=dev)
+    fixed_emb, moving_emb, dev = embed_pair(fixed, moving, weights, device)
     timings["embed"] = time.perf_counter() - t
 
     affine: sitk.Transform | None = None
@@ -192,22 +232,15 @@ def register_sam(
     extras: dict[str, Any] = {"stages": wanted, "preset": name}
     if "affine" in wanted or "coarse" in wanted:
         t = time.perf_counter()
-        corr = find_correspondences(fixed_emb, moving_emb, _body_mask(fixed), cfg, device=dev)
+        corr = match_correspondences(fixed, fixed_emb, moving_emb, cfg, device=dev)
         timings["match"] = time.perf_counter() - t
         extras["correspondences"] = {"matched": int(len(corr.fixed)), "kept": int(corr.valid.sum())}
-        if corr.valid.sum() < 8:
-            raise InputError(
-                f"only {int(corr.valid.sum())} reliable SAM correspondences (of {len(corr.fixed)}); "
-                "the images may not show the same anatomy"
-            )
     if "affine" in wanted:
         t = time.perf_counter()
-        keep = np.flatnonzero(corr.valid)
-        fit = fit_affine_ransac(corr.fixed[keep], corr.moving[keep], weights=corr.score[keep], threshold_mm=cfg.ransac_threshold_mm, seed=seed)
-        corr.inlier[keep[fit.inliers]] = True
+        fit = fit_correspondence_affine(corr, cfg, seed)
         affine = fit.transform
         timings["affine"] = time.perf_counter() - t
-        extras["affine"] = {"inliers": int(fit.n_inliers), "rms_inlier_mm": float(fit.rms_inlier_mm), "matrix": fit.matrix.tolist()}
+        extras["affine"] = affine_summary(fit)
     if "coarse" in wanted:
         t = time.perf_counter()
         use = corr.inlier if affine is not None else corr.valid

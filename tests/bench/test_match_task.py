@@ -32,9 +32,9 @@ def _shifted_case(ct_path: Path, out: Path) -> Path:
 
 
 def test_presets():
-    assert parse_preset(None) == {"cycle_tolerance_mm": None, "adapt_steps": 0}
+    assert parse_preset(None) == {"mode": "consensus", "cycle_tolerance_mm": None, "adapt_steps": 0}
     assert parse_preset("cycle")["cycle_tolerance_mm"] == 6.0
-    assert parse_preset("cycle+adapt20") == {"cycle_tolerance_mm": 6.0, "adapt_steps": 20}
+    assert parse_preset("nearest+cycle+adapt20") == {"mode": "nearest", "cycle_tolerance_mm": 6.0, "adapt_steps": 20}
     with pytest.raises(InputError, match="unknown sam match preset part 'fast'"):
         parse_preset("fast")
 

@@ -6,7 +6,7 @@ matched into the original CT, and the error is ``|match(x) - T(x)|`` in mm.
 
 Used by ``tests/embed/test_matching.py`` and, for the model card, as a script::
 
-    python tests/embed/matching_benchmark.py [--weights W] [--ct CT] [--points 300]
+    python tests/embed/matching_benchmark.py [--weights W] [--ct CT] [--points 300] [--mode nearest|consensus]
 """
 
 from __future__ import annotations
@@ -91,10 +91,15 @@ class BenchmarkResult:
     match_seconds: float
 
 
-def run(model, ct: sitk.Image, n_points: int = 300, cycle_tolerance_mm: float = 6.0, seed: int = 0) -> tuple[BenchmarkResult, dict]:
-    """Embed ``ct`` and its deformed copy with ``model``, match body points of the copy back, measure errors."""
+def run(
+    model, ct: sitk.Image, n_points: int = 300, cycle_tolerance_mm: float = 6.0, seed: int = 0, mode: str = "nearest"
+) -> tuple[BenchmarkResult, dict]:
+    """Embed ``ct`` and its deformed copy with ``model``, match body points of the copy back, measure errors.
+
+    ``mode``: ``nearest`` (per-point search) or ``consensus`` (see ``regsam.embed.commands.MATCH_MODES``).
+    """
+    from regsam.embed.commands import make_matcher
     from regsam.embed.inference import embed_image
-    from regsam.embed.matching import match_points
 
     transform = deformation(ct, seed=seed)
     target = deformed_copy(ct, transform)
@@ -103,7 +108,7 @@ def run(model, ct: sitk.Image, n_points: int = 300, cycle_tolerance_mm: float = 
     t0 = time.perf_counter()
     emb_ct, emb_target = embed_image(model, ct), embed_image(model, target)
     t1 = time.perf_counter()
-    result = match_points(emb_target, points, emb_ct, cycle_tolerance_mm=cycle_tolerance_mm)
+    result = make_matcher(mode, target, emb_target, ct, emb_ct, cycle_tolerance_mm=cycle_tolerance_mm)(points)
     t2 = time.perf_counter()
     err = np.linalg.norm(result.matched - truth, axis=1)
     kept = result.valid
@@ -130,12 +135,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ct", default=str(HELD_OUT_CT), help="CT to deform (default: the held-out aorta_ct_cropped)")
     parser.add_argument("--points", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=["nearest", "consensus"], default="nearest")
     args = parser.parse_args(argv)
     from regsam.embed.model import load_embedder
     from regsam.io.images import read_image
 
     model = load_embedder(args.weights, device="cpu")
-    summary, _ = run(model, read_image(args.ct), args.points, seed=args.seed)
+    summary, _ = run(model, read_image(args.ct), args.points, seed=args.seed, mode=args.mode)
     print(json.dumps(asdict(summary), indent=2))
     return 0
 

@@ -197,7 +197,7 @@ def test_match_images_with_adaptation_from_python(files):
     timings: dict = {}
     points = np.load(files["npy"])
     result = match_images(read_image(files["template"]), points, read_image(files["target"]), model=model, adapt_steps=1,
-                          adapt_config=small, device="cpu", timings=timings)
+                          adapt_config=small, device="cpu", timings=timings, mode="nearest")
     assert result.matched.shape == (12, 3) and result.valid.all()
     assert timings["adapt_s"] > 0 and timings["embed_template_s"] > 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

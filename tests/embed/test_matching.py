@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from regsam.embed.inference import Embedding, embed_image
-from regsam.embed.matching import match_points
+from regsam.embed.matching import match_points, similarity_at
 from regsam.embed.model import DEFAULT_WEIGHTS, load_embedder
 from regsam.embed.preprocess import reference_image
 from regsam.errors import InputError
@@ -121,3 +121,33 @@ def test_planted_landmark_in_a_shifted_real_ct(shipped_model, held_out_ct):
     error = np.linalg.norm(result.matched - (bead - shift), axis=1)
     assert error[0] < 3.0, (result.matched, bead - shift)
     assert result.valid[0]
+
+
+@pytest.mark.slow
+def test_consensus_matching_beats_per_point_search_on_a_deformed_held_out_ct(shipped_model, held_out_ct):
+    """Consensus matching (smooth map fitted to dense matches) removes the gross errors of per-point search."""
+    from regsam.embed.consensus import ConsensusMatcher
+
+    transform = matching_benchmark.deformation(held_out_ct, seed=0)
+    target = matching_benchmark.deformed_copy(held_out_ct, transform)
+    points = matching_benchmark.body_points(target, 200, seed=1)
+    truth = np.array([transform.TransformPoint(p.tolist()) for p in points])
+    emb_target, emb_ct = embed_image(shipped_model, target), embed_image(shipped_model, held_out_ct)
+    nearest = match_points(emb_target, points, emb_ct)
+    matcher = ConsensusMatcher(target, emb_target, held_out_ct, emb_ct, cycle_tolerance_mm=3.0)
+    consensus = matcher(points)
+    err_nearest = np.linalg.norm(nearest.matched - truth, axis=1)
+    err = np.linalg.norm(consensus.matched - truth, axis=1)
+    identity = np.linalg.norm(points - truth, axis=1)
+    assert np.median(identity) > 8.0
+    assert err.mean() < 0.5 * err_nearest.mean(), (err.mean(), err_nearest.mean())
+    assert err.mean() < 3.0 and np.percentile(err, 95) < 6.0, (err.mean(), np.percentile(err, 95))
+    # the anchors are mostly kept, the fit is reused for a second point set, and round trips close
+    assert matcher.forward.anchor_kept.mean() > 0.5
+    forward = matcher.forward
+    again = matcher(points[:10])
+    assert matcher.forward is forward and np.allclose(again.matched, consensus.matched[:10])
+    assert consensus.valid.mean() > 0.75 and np.median(consensus.cycle_error_mm) < 1.5
+    assert err[consensus.valid].mean() < err.mean()  # the cycle check flags the worse answers
+    # scores are the embedding similarity at the answer: higher there than at the identity position
+    assert np.median(consensus.score) > np.median(similarity_at(emb_target, points, emb_ct, points))
