@@ -50,43 +50,27 @@ HU_RANGE = (-1000.0, 400.0)
 
 #: Compute budgets. ``iterations`` lists the Adam steps per level, coarsest first; level ``l`` of ``levels``
 #: has spacing ``spacing_mm * 2 ** (levels - 1 - l)``. ``lr`` is in voxels of the level per step.
+_FAST: dict[str, Any] = {
+    "spacing_mm": 4.0,
+    "levels": 2,
+    "iterations": (80, 50),
+    "lr": 0.1,
+    "similarity": "lncc",
+    "lncc_kernel": 5,
+    "weight_image": 1.0,
+    "weight_embed": 1.0,
+    "weight_smooth": 0.01,
+    "regulariser": "bending",
+    "param_smoothing": 1,
+    "diffeomorphic": False,
+    "integration_steps": 7,
+    "mind_radius": 1,
+    "mind_dilation": 2,
+    "feature_spacing_mm": 8.0,
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {
-        "spacing_mm": 4.0,
-        "levels": 2,
-        "iterations": (80, 50),
-        "lr": 0.1,
-        "similarity": "lncc",
-        "lncc_kernel": 5,
-        "weight_image": 1.0,
-        "weight_embed": 1.0,
-        "weight_smooth": 0.01,
-        "regulariser": "bending",
-        "param_smoothing": 1,
-        "diffeomorphic": False,
-        "integration_steps": 7,
-        "mind_radius": 1,
-        "mind_dilation": 2,
-        "feature_spacing_mm": 8.0,
-    },
-    "accurate": {
-        "spacing_mm": 2.0,
-        "levels": 3,
-        "iterations": (120, 100, 60),
-        "lr": 0.1,
-        "similarity": "lncc",
-        "lncc_kernel": 7,
-        "weight_image": 1.0,
-        "weight_embed": 1.0,
-        "weight_smooth": 0.01,
-        "regulariser": "bending",
-        "param_smoothing": 1,
-        "diffeomorphic": False,
-        "integration_steps": 7,
-        "mind_radius": 1,
-        "mind_dilation": 2,
-        "feature_spacing_mm": 4.0,
-    },
+    "fast": _FAST,
+    "accurate": {**_FAST, "spacing_mm": 2.0, "levels": 3, "iterations": (120, 100, 60), "lncc_kernel": 7, "feature_spacing_mm": 4.0},
 }
 DEFAULT_PRESET = "fast"
 
