@@ -241,7 +241,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="fetch the sample CT, simulate a breathing pair, register it, write a report")
     p.add_argument("--out", default="regsam_demo", help="output folder (default ./regsam_demo)")
-    p.add_argument("--methods", default="elastix:lung", help="methods to run (default elastix:lung)")
+    p.add_argument("--methods", default="elastix:lung,sam", help="methods to run (default elastix:lung,sam)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
