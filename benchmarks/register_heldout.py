@@ -76,7 +76,8 @@ def _ratios(plain: dict, offset: dict, reference: str = "elastix:lung") -> list[
 def _summary(report: Path) -> str:
     text = report.read_text()
     start, end = text.find("## Summary"), text.find("## TRE per case")
-    return text[start:end].strip() if start >= 0 else text
+    section = text[start:end].strip() if start >= 0 else text
+    return section.replace("\n## ", "\n### ").replace("## Summary", "### Summary", 1)
 
 
 def main(argv=None) -> int:
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
         f"Command (repository root, ../shared beside it): `python benchmarks/register_heldout.py --out {args.out} "
         f"--methods {args.methods} --cases {args.cases} --offset {args.offset}`",
         "",
-        f"Machine: {os.cpu_count()} CPU cores, no GPU; started {start}, load average {load:.1f} at start. "
+        f"Machine: {os.cpu_count()} CPU cores, no GPU; started {start}, load average {load:.1f} at start "
+        "(a resumed run reuses earlier rows: their times are from the run that computed them). "
         "Pairs: `regsam bench --dataset sim4dct --ct CT` from the TotalSegmentator aorta and pulmonary crops (CT the "
         f"shipped embedder never saw), motion of DIR-Lab cases {args.cases}, 2 mm; offset pairs add a "
         f"{args.offset.split(',')[0]} mm / {args.offset.split(',')[1]} deg rigid misalignment. TRE over the ~300 lung points "
