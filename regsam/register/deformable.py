@@ -49,7 +49,7 @@ from regsam.register import torch_fields as tf
 HU_RANGE = (-1000.0, 400.0)
 
 #: Compute budgets. ``iterations`` lists the Adam steps per level, coarsest first; level ``l`` of ``levels``
-#: has spacing ``spacing_mm * 2 ** (levels - 1 - l)``. ``lr`` is in voxels of the level per step.
+#: has spacing ``s * 2 ** (levels - 1 - l)`` with ``s = max(spacing_mm, finest spacing of the fixed image)``. ``lr`` is in voxels of the level per step.
 _FAST: dict[str, Any] = {
     "spacing_mm": 4.0,
     "levels": 2,
@@ -275,7 +275,8 @@ def refine_deformable(
         raise InputError("give both fixed_features and moving_features, or neither")
     t0 = _initial_transform(initial)
     levels = int(cfg["levels"])
-    base = float(cfg["spacing_mm"])
+    # a level finer than the fixed image costs time and memory and adds no information
+    base = max(float(cfg["spacing_mm"]), float(min(fixed.GetSpacing())))
     work = tf.corner_aligned_grid(fixed, base)
     grids = [tf.corner_aligned_grid(fixed, base * 2 ** (levels - 1 - lvl)) for lvl in range(levels)]
     timings: dict[str, float] = {}

@@ -231,3 +231,13 @@ def test_bad_options(planted):
         with pytest.raises(InputError, match="CUDA"):
             refine_deformable(fixed, moving, device="cuda")
     assert set(PRESETS) == {"fast", "accurate"}
+
+
+def test_no_level_is_finer_than_the_fixed_image(planted):
+    """Asked for 1 mm on a 4 mm image, the finest level works at 4 mm (the coarser ones scale with it)."""
+    fixed, moving, _, _, _ = planted
+    assert min(fixed.GetSpacing()) == pytest.approx(4.0)
+    result = refine_deformable(fixed, moving, None, spacing_mm=1.0, levels=2, iterations=(2, 2))
+    assert result.info["working_grid"]["spacing_mm"] == pytest.approx([4.0, 4.0, 4.0])
+    # corner-aligned grids stretch a level's spacing slightly so that it spans the image exactly
+    assert [lvl["spacing_mm"] for lvl in result.info["levels"]] == [pytest.approx([8.0] * 3, rel=0.05), pytest.approx([4.0] * 3, rel=0.05)]
