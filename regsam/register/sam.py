@@ -97,9 +97,6 @@ def body_mask(image: sitk.Image) -> sitk.Image:
     return body
 
 
-_body_mask = body_mask  # the former private name
-
-
 def find_correspondences(fixed_emb, moving_emb, fixed_body: sitk.Image, preset: SamPreset, device=None) -> Correspondences:
     """Match grid points inside the fixed body into the moving image (cycle-checked)."""
     from regsam.embed.matching import match_points
@@ -114,6 +111,15 @@ def find_correspondences(fixed_emb, moving_emb, fixed_body: sitk.Image, preset: 
     )
     keep = result.valid & (result.score >= preset.min_score)
     return Correspondences(points, result.matched, result.score, keep, np.zeros(len(points), bool))
+
+
+def parse_stages(stages: Sequence[str] | str, known: Sequence[str], method: str) -> list[str]:
+    """``"affine,coarse"`` or a list -> the stage names, each one of ``known``; InputError otherwise (or if none)."""
+    wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
+    unknown = [s for s in wanted if s not in known]
+    if unknown or not wanted:
+        raise InputError(f"unknown {method} stage(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}")
+    return wanted
 
 
 def embed_pair(fixed: sitk.Image, moving: sitk.Image, weights: str | None = None, device: str | None = None):
@@ -218,10 +224,7 @@ def register_sam(
     if name not in PRESETS:
         raise InputError(f"unknown sam preset '{name}' (known: {', '.join(PRESETS)})")
     cfg = PRESETS[name]
-    wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
-    unknown = [s for s in wanted if s not in STAGES]
-    if unknown or not wanted:
-        raise InputError(f"unknown sam stage(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(STAGES)}")
+    wanted = parse_stages(stages, STAGES, "sam")
     timings: dict[str, float] = {}
 
     t = time.perf_counter()

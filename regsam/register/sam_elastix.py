@@ -107,10 +107,7 @@ def register_sam_elastix(
         raise InputError(f"unknown sam+elastix preset '{name}' (known: {', '.join(PRESETS)})")
     cfg = PRESETS[name]
     sam_cfg = sam.PRESETS[cfg.sam]
-    wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
-    unknown = [s for s in wanted if s not in STAGES]
-    if unknown or not wanted:
-        raise InputError(f"unknown sam+elastix stage(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(STAGES)}")
+    wanted = sam.parse_stages(stages, STAGES, "sam+elastix")
     if "affine" not in wanted:
         raise InputError("sam+elastix needs the affine stage (it initialises elastix); stages: affine[,bspline]")
     point_w = cfg.points_weights if points_weights is None else points_weights

@@ -59,7 +59,7 @@ def test_sam_affine_recovers_planted_affine(held_out_ct, embedder):
     truth = np.array([planted.TransformPoint(p.tolist()) for p in landmarks])
 
     fe, me = embed_image(embedder, fixed), embed_image(embedder, moving)
-    corr = sam.find_correspondences(fe, me, sam._body_mask(fixed), sam.PRESETS["fast"])
+    corr = sam.find_correspondences(fe, me, sam.body_mask(fixed), sam.PRESETS["fast"])
     keep = np.flatnonzero(corr.valid)
     fit = fit_affine_ransac(corr.fixed[keep], corr.moving[keep], weights=corr.score[keep], threshold_mm=6.0)
     recovered = np.array([fit.transform.TransformPoint(p.tolist()) for p in landmarks])
@@ -87,7 +87,7 @@ def test_each_sam_stage_lowers_tre_on_a_simulated_breathing_pair(held_out_ct, em
 
     initial = float(np.linalg.norm(f_pts - m_pts, axis=1).mean())
     fe, me = embed_image(embedder, fixed), embed_image(embedder, moving)
-    corr = sam.find_correspondences(fe, me, sam._body_mask(fixed), cfg)
+    corr = sam.find_correspondences(fe, me, sam.body_mask(fixed), cfg)
     keep = np.flatnonzero(corr.valid)
     fit = fit_affine_ransac(corr.fixed[keep], corr.moving[keep], weights=corr.score[keep], threshold_mm=cfg.ransac_threshold_mm)
     affine_tre = tre(transform_to_field(fit.transform, fixed))
