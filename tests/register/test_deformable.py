@@ -241,3 +241,59 @@ def test_no_level_is_finer_than_the_fixed_image(planted):
     assert result.info["working_grid"]["spacing_mm"] == pytest.approx([4.0, 4.0, 4.0])
     # corner-aligned grids stretch a level's spacing slightly so that it spans the image exactly
     assert [lvl["spacing_mm"] for lvl in result.info["levels"]] == [pytest.approx([8.0] * 3, rel=0.05), pytest.approx([4.0] * 3, rel=0.05)]
+
+
+def test_box_smoothing_equals_average_pooling():
+    from regsam.register.deformable import _smooth_param
+
+    theta = torch.randn(1, 3, 9, 7, 8, generator=torch.Generator().manual_seed(1))
+    expected = theta
+    for _ in range(2):
+        expected = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(expected, [1] * 6, mode="replicate"), 3, stride=1)
+    assert torch.allclose(_smooth_param(theta, 2), expected, atol=1e-6)
+
+
+def test_functional_adam_takes_the_same_steps_as_torch_adam():
+    from regsam.register.deformable import _Adam
+
+    start = torch.randn(40, generator=torch.Generator().manual_seed(2))
+    a, b = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    reference, ours = torch.optim.Adam([a], lr=0.05), _Adam(b, lr=0.05)
+    for _ in range(15):
+        for param, opt in ((a, reference), (b, ours)):
+            opt.zero_grad()
+            ((param - 1.5) ** 4).sum().backward()
+            opt.step()
+    assert not torch.allclose(b, start)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_coarse_control_grid_on_the_finest_level_still_refines(planted):
+    """finest_control_ratio=2: the finest level's unknowns live on a 2x coarser grid, its loss on the full one."""
+    fixed, moving, points, truth, _ = planted
+    initial = sitk.TranslationTransform(3, SHIFT.tolist())
+    before = tre(initial, points, truth)
+    result = refine_deformable(fixed, moving, initial, iterations=(60, 30), finest_control_ratio=2)
+    finest = result.info["levels"][-1]
+    assert finest["size"] == result.info["working_grid"]["size"]
+    assert all(2 * c <= s + 1 for c, s in zip(finest["control_size"], finest["size"]))
+    assert tre(result.field, points, truth) < 0.4 * before
+    assert result.folding_share == 0.0
+
+
+def test_embedding_term_only_on_the_coarsest_levels(planted):
+    """embed_levels=0 with weight_image=0 leaves nothing to optimise: the initial mapping comes back unchanged."""
+    fixed, moving, points, truth, _ = planted
+    feat = torch.randn(4, 6, 6, 6, generator=torch.Generator().manual_seed(3))
+    initial = sitk.TranslationTransform(3, SHIFT.tolist())
+    common = dict(weight_image=0.0, iterations=(10, 10), fixed_features=feat, moving_features=feat.flip(1))
+    unchanged = refine_deformable(fixed, moving, initial, embed_levels=0, **common)
+    assert [lvl["embedding_term"] for lvl in unchanged.info["levels"]] == [False, False]
+    assert tre(unchanged.field, points, truth) == pytest.approx(tre(initial, points, truth), abs=1e-3)
+    moved = refine_deformable(fixed, moving, initial, embed_levels=1, **common)
+    assert [lvl["embedding_term"] for lvl in moved.info["levels"]] == [True, False]
+    assert abs(tre(moved.field, points, truth) - tre(initial, points, truth)) > 1e-2
+    with pytest.raises(InputError, match="embed_levels"):
+        refine_deformable(fixed, moving, initial, embed_levels=-1, **common)
+    with pytest.raises(InputError, match="finest_control_ratio"):
+        refine_deformable(fixed, moving, initial, finest_control_ratio=0, iterations=(1, 1))
