@@ -28,7 +28,8 @@ import SimpleITK as sitk
 import torch
 
 from regsam.embed.crops import CropConfig, TwoViewSampler, load_scan
-from regsam.embed.model import SAMEmbedder, resolve_device
+from regsam.devices import resolve_device
+from regsam.embed.model import SAMEmbedder
 from regsam.embed.objectives import OBJECTIVES
 from regsam.embed.train import TrainConfig, build_optimizer, load_config, train_step
 from regsam.errors import InputError

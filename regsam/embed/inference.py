@@ -19,7 +19,8 @@ import SimpleITK as sitk
 import torch
 
 from regsam.embed.crops import apply_affine, image_affine
-from regsam.embed.model import SAMEmbedder, level_geometry, resolve_device
+from regsam.devices import resolve_device
+from regsam.embed.model import SAMEmbedder, level_geometry
 from regsam.embed.preprocess import HU_WINDOW, preprocess, reference_image, valid_size
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path

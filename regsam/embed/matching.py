@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from regsam.embed.crops import image_affine, normalized_grid
 from regsam.embed.inference import Embedding
-from regsam.embed.model import resolve_device
+from regsam.devices import resolve_device
 from regsam.errors import InputError
 
 #: default half-width (mm) of the fine search cube around the coarse maximum

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
+from regsam.devices import resolve_device
 from regsam.embed.preprocess import DEFAULT_SPACING_MM, HU_WINDOW
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
@@ -292,16 +293,6 @@ def load_embedder(path: str | os.PathLike | None = None, device: str | torch.dev
     model.hu_window = tuple(float(v) for v in crops.get("hu_window", HU_WINDOW))  # type: ignore[assignment]
     model.eval()
     return model.to(resolve_device(device))
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a :class:`torch.device`; ``None`` -> ``cuda`` if available, else ``cpu``."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device '{device}' ({exc})") from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -32,7 +32,8 @@ import torch
 import yaml
 
 from regsam.embed.crops import CropConfig, Scan, TwoViewSampler, load_scan
-from regsam.embed.model import SAMEmbedder, resolve_device, save_weights
+from regsam.devices import resolve_device
+from regsam.embed.model import SAMEmbedder, save_weights
 from regsam.embed.objectives import OBJECTIVES
 from regsam.embed.objectives.sam import SAMLossConfig
 from regsam.errors import InputError

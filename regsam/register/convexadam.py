@@ -52,6 +52,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from regsam.devices import resolve_device
 from regsam.errors import InputError
 from regsam.io.images import AIR_HU
 from regsam.io.transforms import jacobian_determinant, warp_image
@@ -197,7 +198,7 @@ def register_convexadam(
     """
     start = time.perf_counter()
     cfg = _config(preset, options)
-    dev = tf.resolve_device(device)
+    dev = resolve_device(device)
     convex_adam_pt = _convex_adam_pt()
     timings: dict[str, float] = {}
 

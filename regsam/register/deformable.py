@@ -40,6 +40,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from regsam.devices import resolve_device
 from regsam.errors import InputError
 from regsam.io.images import check_volume
 from regsam.io.transforms import TransformLike, as_transform, check_displacement_field, jacobian_determinant
@@ -312,7 +313,7 @@ def refine_deformable(
     check_volume(fixed, "fixed image")
     check_volume(moving, "moving image")
     cfg = _config(preset, overrides)
-    dev = tf.resolve_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(int(seed))
     if (fixed_features is None) != (moving_features is None):
         raise InputError("give both fixed_features and moving_features, or neither")

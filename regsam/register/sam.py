@@ -47,8 +47,11 @@ class SamPreset:
 
 
 PRESETS: dict[str, SamPreset] = {
-    # the deformable "fast" budget plus a short 2 mm level: mean TRE ~0.34 -> ~0.23 mm on a held-out simulated
-    # breathing pair for ~15 s more on 2 CPU cores (benchmarks/register_heldout.md)
+    # 8, 4 and 2 mm levels, few steps: the SAM coarse field already starts within ~1-1.5 mm. The embedding term
+    # only at 8 mm (it guides large motion; at 4 and 2 mm it cost ~40 % of the time and no accuracy), the 2 mm
+    # level on a 4 mm control grid, and less bending weight (the control grid already smooths). Explored on
+    # held-out breathing pairs (DIR-Lab case 3-5 motion; the bending weight on case 3 only), see
+    # benchmarks/register_heldout.md.
     "fast": SamPreset(deformable_overrides={"spacing_mm": 2.0, "levels": 3, "iterations": (20, 20, 10),
                                             "finest_control_ratio": 2, "embed_levels": 1, "weight_smooth": 0.005}),
     "accurate": SamPreset(point_spacing_mm=12.0, coarse_smoothing_mm=15.0, coarse_grid_mm=16.0, deformable="accurate"),

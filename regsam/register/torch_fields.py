@@ -33,23 +33,13 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from regsam.devices import DeviceLike
 from regsam.errors import InputError
 from regsam.io.transforms import TransformLike, check_displacement_field, transform_to_field
 
-DeviceLike = str | torch.device
 
 
 # ------------------------------------------------------------------ devices
-def resolve_device(device: DeviceLike = "cpu") -> torch.device:
-    """``torch.device`` for ``'cpu'``/``'cuda'``/``'cuda:N'``; :class:`InputError` if CUDA is asked for but absent."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device '{device}' requested but CUDA is not available; use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"device must be 'cpu' or 'cuda', got '{device}'")
-    return dev
-
-
 # ------------------------------------------------------------------ geometry
 def direction_matrix(image: sitk.Image) -> np.ndarray:
     """3x3 direction matrix (columns = world directions of the index axes x, y, z)."""
