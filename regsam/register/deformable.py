@@ -49,6 +49,11 @@ from regsam.register import torch_fields as tf
 #: HU window mapped to [0, 1] for the image similarity.
 HU_RANGE = (-1000.0, 400.0)
 
+#: With a fixed mask, each level's similarity is computed on the mask's bounding box grown by this margin (mm):
+#: more than the LNCC window plus the residual motion a level adds, so clamping at the box edge never reaches
+#: a masked voxel's window; on a full-field chest CT the lungs' box is a fraction of the scan.
+MASK_MARGIN_MM = 24.0
+
 #: Compute budgets. ``iterations`` lists the Adam steps per level, coarsest first; level ``l`` of ``levels``
 #: has spacing ``s * 2 ** (levels - 1 - l)`` with ``s = max(spacing_mm, finest spacing of the fixed image)``. ``lr`` is in voxels of the level per step.
 #: ``finest_control_ratio`` r > 1 keeps the finest level's displacement on an r times coarser control grid
@@ -254,6 +259,19 @@ def _initial_transform(initial: TransformLike | None) -> sitk.Transform:
     return as_transform(initial)
 
 
+def _mask_box(mask: torch.Tensor | None, margin_zyx: list[int]) -> tuple[slice, slice, slice]:
+    """Slices (z, y, x) of the bounding box of ``mask`` (1, 1, D, H, W) grown by ``margin_zyx`` voxels (everything without a mask)."""
+    if mask is None:
+        return (slice(None),) * 3
+    occupied = mask[0, 0] > 0
+    box = []
+    for axis, margin in enumerate(margin_zyx):
+        others = tuple(a for a in range(3) if a != axis)
+        hits = torch.nonzero(occupied.any(dim=others[1]).any(dim=others[0])).flatten()
+        box.append(slice(max(int(hits[0]) - margin, 0), int(hits[-1]) + 1 + margin))
+    return tuple(box)
+
+
 def _mask_on(mask: sitk.Image | None, grid: sitk.Image, device: torch.device) -> torch.Tensor | None:
     if mask is None:
         return None
@@ -338,7 +356,11 @@ def refine_deformable(
         if cfg["similarity"] == "mind":
             f_img = mind_ssc(f_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
             m_img = mind_ssc(m_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
-        level_data.append({"grid": grid, "fixed": f_img, "moving": m_img, "mask": _mask_on(fixed_mask, grid, dev)})
+        mask = _mask_on(fixed_mask, grid, dev)
+        box = _mask_box(mask, [int(np.ceil(MASK_MARGIN_MM / s)) for s in spacing[::-1]])
+        crop = (slice(None), slice(None), *box)
+        level_data.append({"grid": grid, "box": crop, "fixed": f_img[crop], "moving": m_img[crop],
+                           "mask": None if mask is None else mask[crop]})
     timings["prepare"] = time.perf_counter() - t
 
     feat = None
@@ -398,7 +420,7 @@ def refine_deformable(
             ddf, reg_field = displacement(theta, shape)
             loss = torch.zeros((), device=dev)
             if float(cfg["weight_image"]) > 0:
-                warped = warp(data["moving"], ddf)
+                warped = warp(data["moving"], ddf[data["box"]])
                 if cfg["similarity"] == "lncc":
                     sim = _weighted_mean(lncc(warped, data["fixed"]), f_sim_mask)
                 else:
@@ -426,6 +448,7 @@ def refine_deformable(
         history.append({"spacing_mm": [float(s) for s in grid.GetSpacing()], "size": list(grid.GetSize()),
                         "iterations": cfg["iterations"][lvl], "loss_first": losses[0] if losses else None,
                         "loss_last": losses[-1] if losses else None, "control_size": list(theta.shape[2:][::-1]),
+                        "similarity_size": list(data["fixed"].shape[2:][::-1]),
                         "embedding_term": feat is not None and lvl < cfg["embed_levels"],
                         "seconds": time.perf_counter() - t_level})
     timings["optimise"] = time.perf_counter() - t

@@ -175,27 +175,27 @@ def shared_pca_features(fixed_fine: np.ndarray, moving_fine: np.ndarray, compone
     of the cosine structure at a fraction of the cost of all C channels. Outputs are float32,
     (components, D, H, W), re-normalised to unit length along the channels.
     """
+    import torch
+
     channels = fixed_fine.shape[0]
     if components >= channels:
         return fixed_fine.astype(np.float32), moving_fine.astype(np.float32)
-    rng = np.random.default_rng(seed)
+    # torch converts float16 and multiplies several times faster than numpy here (~1 s -> ~0.2 s per pair)
+    flats = [torch.from_numpy(np.ascontiguousarray(a)).reshape(channels, -1).float() for a in (fixed_fine, moving_fine)]
+    generator = torch.Generator().manual_seed(int(seed))
+    samples = [f[:, torch.randperm(f.shape[1], generator=generator)[:20000]] for f in flats]
+    both = torch.cat(samples, dim=1).double()
+    mean = both.mean(dim=1, keepdim=True)
+    centred = both - mean
+    _, vectors = torch.linalg.eigh(centred @ centred.T)  # ascending eigenvalues of the (C, C) scatter matrix
+    basis = vectors[:, -components:].flip(1).T.float()  # (k, C), largest variance first
 
-    def sample(array: np.ndarray, n: int = 20000) -> np.ndarray:
-        flat = array.reshape(channels, -1)
-        return flat[:, rng.choice(flat.shape[1], size=min(n, flat.shape[1]), replace=False)].astype(np.float64)
+    def project(flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+        out = basis @ (flat - mean.float())
+        out /= out.norm(dim=0, keepdim=True) + 1e-6
+        return out.reshape((components,) + shape).numpy()
 
-    both = np.concatenate([sample(fixed_fine), sample(moving_fine)], axis=1)
-    mean = both.mean(axis=1, keepdims=True)
-    _, _, vt = np.linalg.svd((both - mean).T, full_matrices=False)
-    basis = vt[:components].astype(np.float32)  # (k, C)
-
-    def project(array: np.ndarray) -> np.ndarray:
-        flat = array.reshape(channels, -1).astype(np.float32) - mean.astype(np.float32)
-        out = basis @ flat
-        out /= np.linalg.norm(out, axis=0, keepdims=True) + 1e-6
-        return out.reshape((components,) + array.shape[1:])
-
-    return project(fixed_fine), project(moving_fine)
+    return project(flats[0], fixed_fine.shape[1:]), project(flats[1], moving_fine.shape[1:])
 
 
 def register_sam(

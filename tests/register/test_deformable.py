@@ -297,3 +297,21 @@ def test_embedding_term_only_on_the_coarsest_levels(planted):
         refine_deformable(fixed, moving, initial, embed_levels=-1, **common)
     with pytest.raises(InputError, match="finest_control_ratio"):
         refine_deformable(fixed, moving, initial, finest_control_ratio=0, iterations=(1, 1))
+
+
+def test_similarity_is_computed_on_the_mask_box_plus_margin(planted):
+    from regsam.register.deformable import MASK_MARGIN_MM, _mask_box
+
+    mask = torch.zeros(1, 1, 20, 30, 40)
+    mask[0, 0, 5:8, 10:12, 30:33] = 1
+    assert _mask_box(mask, [2, 3, 4]) == (slice(3, 10), slice(7, 15), slice(26, 37))
+    assert _mask_box(None, [2, 3, 4]) == (slice(None),) * 3
+
+    fixed, moving, points, truth, _ = planted
+    corner = sitk.Image(fixed.GetSize(), sitk.sitkUInt8)
+    corner.CopyInformation(fixed)
+    corner[2:6, 2:6, 2:6] = 1  # a 16 mm cube at the image's corner: the box is that cube plus the margin
+    result = refine_deformable(fixed, moving, None, fixed_mask=corner, iterations=(2, 2))
+    finest = result.info["levels"][-1]
+    expected = [min(s, 6 + int(np.ceil(MASK_MARGIN_MM / sp))) for s, sp in zip(finest["size"], finest["spacing_mm"])]
+    assert finest["similarity_size"] == expected and expected != finest["size"]
