@@ -136,9 +136,11 @@ def embed_pair(fixed: sitk.Image, moving: sitk.Image, weights: str | None = None
     return embed_image(model, fixed, device=dev), embed_image(model, moving, device=dev), dev
 
 
-def match_correspondences(fixed: sitk.Image, fixed_emb, moving_emb, preset: SamPreset, device=None, min_kept: int = 8) -> Correspondences:
-    """:func:`find_correspondences` from the fixed body (:func:`body_mask`); InputError if fewer than ``min_kept`` are kept."""
-    corr = find_correspondences(fixed_emb, moving_emb, body_mask(fixed), preset, device=device)
+def match_correspondences(
+    fixed: sitk.Image, fixed_emb, moving_emb, preset: SamPreset, device=None, min_kept: int = 8, body: sitk.Image | None = None
+) -> Correspondences:
+    """:func:`find_correspondences` from the fixed body (``body``, default :func:`body_mask`); InputError if fewer than ``min_kept`` are kept."""
+    corr = find_correspondences(fixed_emb, moving_emb, body if body is not None else body_mask(fixed), preset, device=device)
     if corr.valid.sum() < min_kept:
         raise InputError(
             f"only {int(corr.valid.sum())} reliable SAM correspondences (of {len(corr.fixed)}); "
@@ -214,8 +216,8 @@ def register_sam(
 
     Args:
         preset: ``fast`` (default) or ``accurate`` (see :data:`PRESETS`).
-        fixed_mask: optional (lung) mask weighting the deformable similarity; the points for the
-            affine and coarse stages come from an automatic body mask.
+        fixed_mask: optional (lung) mask weighting the deformable similarity (default: the automatic body
+            mask); the points for the affine and coarse stages always come from the automatic body mask.
         stages: any of ``affine``, ``coarse``, ``deformable`` (comma-separated string or list).
         device: ``cpu`` or ``cuda`` (default: CUDA when available).
         weights: embedder weights file (default: the shipped ``regsam/weights/sam_chest.pt``).
@@ -239,9 +241,10 @@ def register_sam(
     field_img: sitk.Image | None = None
     corr: Correspondences | None = None
     extras: dict[str, Any] = {"stages": wanted, "preset": name}
+    body = body_mask(fixed)
     if "affine" in wanted or "coarse" in wanted:
         t = time.perf_counter()
-        corr = match_correspondences(fixed, fixed_emb, moving_emb, cfg, device=dev)
+        corr = match_correspondences(fixed, fixed_emb, moving_emb, cfg, device=dev, body=body)
         timings["match"] = time.perf_counter() - t
         extras["correspondences"] = {"matched": int(len(corr.fixed)), "kept": int(corr.valid.sum())}
     if "affine" in wanted:
@@ -262,15 +265,18 @@ def register_sam(
         t = time.perf_counter()
         initial = field_img if field_img is not None else affine
         fixed_feat, moving_feat = shared_pca_features(fixed_emb.fine, moving_emb.fine, cfg.feature_components, seed)
+        # without a mask the similarity is weighted by the automatic body mask: air outside the body carries no
+        # motion, and the mask's box keeps the cost to the body on a full field-of-view scan
         result = refine_deformable(
-            fixed, moving, initial, preset=cfg.deformable, fixed_mask=fixed_mask,
+            fixed, moving, initial, preset=cfg.deformable, fixed_mask=fixed_mask if fixed_mask is not None else body,
             fixed_features=fixed_feat, moving_features=moving_feat,
             fixed_feature_geometry=fixed_emb.fine_geometry, moving_feature_geometry=moving_emb.fine_geometry,
             device=str(dev), seed=seed, **cfg.deformable_overrides,
         )
         field_img = result.field
         timings["deformable"] = time.perf_counter() - t
-        extras["deformable"] = {"folding_share": result.folding_share}
+        extras["deformable"] = {"folding_share": result.folding_share,
+                                "similarity_mask": "given" if fixed_mask is not None else "automatic body"}
     if field_img is None:
         field_img = transform_to_field(affine, fixed)
 
