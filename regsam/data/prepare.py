@@ -206,13 +206,21 @@ def read_dirlab_index(path: Path) -> np.ndarray:
     Raises:
         InputError: unreadable file, a line that is not three numbers.
     """
+    return _read_index_triples(path, "landmark file", r"\s+", "x y z")
+
+
+def _read_index_triples(path: Path, what: str, separators: str, layout: str) -> np.ndarray:
+    """(N, 3) float64 voxel indices, one triple per non-blank line split on the regex ``separators``.
+
+    Raises: InputError naming the file (and line) for an unreadable file or a line that is not three finite numbers.
+    """
     try:
         text = path.read_text(encoding="latin-1")
     except OSError as exc:
-        raise InputError(f"{path}: cannot read landmark file ({exc.strerror})") from None
+        raise InputError(f"{path}: cannot read {what} ({exc.strerror})") from None
     rows: list[list[float]] = []
     for line_no, line in enumerate(text.splitlines(), start=1):
-        fields = line.split()
+        fields = [f for f in re.split(separators, line.strip()) if f]
         if not fields:
             continue
         try:
@@ -220,7 +228,7 @@ def read_dirlab_index(path: Path) -> np.ndarray:
         except ValueError:
             values = []
         if len(values) != 3 or not np.isfinite(values).all():
-            raise InputError(f"{path}:{line_no}: expected three numbers (x y z voxel indices), got '{line.strip()[:60]}'")
+            raise InputError(f"{path}:{line_no}: expected three numbers ({layout} voxel indices), got '{line.strip()[:60]}'")
         rows.append(values)
     return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
@@ -405,25 +413,10 @@ def read_keypoints_csv(path: Path) -> np.ndarray:
     Raises:
         InputError: unreadable file, a line that is not three numbers, no keypoints.
     """
-    try:
-        text = path.read_text(encoding="latin-1")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read keypoint file ({exc.strerror})") from None
-    rows: list[list[float]] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        fields = [f for f in re.split(r"[,;\s]+", line.strip()) if f]
-        if not fields:
-            continue
-        try:
-            values = [float(v) for v in fields]
-        except ValueError:
-            values = []
-        if len(values) != 3 or not np.isfinite(values).all():
-            raise InputError(f"{path}:{line_no}: expected three numbers (x,y,z voxel indices), got '{line.strip()[:60]}'")
-        rows.append(values)
-    if not rows:
+    rows = _read_index_triples(path, "keypoint file", r"[,;\s]+", "x,y,z")
+    if not len(rows):
         raise InputError(f"{path}: no keypoints in file")
-    return np.array(rows, dtype=np.float64).reshape(-1, 3)
+    return rows
 
 
 def _template_path(folder: Path, template: str, case_id: str, modality: str) -> Path:
