@@ -100,9 +100,10 @@ def fit_consensus_map(
 
     if anchor_spacing_mm <= 0 or max_anchors < 8 or anchor_cycle_mm <= 0:
         raise InputError("anchor spacing and cycle tolerance must be positive and max_anchors at least 8")
-    preset = _anchor_preset(body_mask(template), anchor_spacing_mm, max_anchors, anchor_cycle_mm)
+    body = body_mask(template)
+    preset = _anchor_preset(body, anchor_spacing_mm, max_anchors, anchor_cycle_mm)
     try:
-        corr = match_correspondences(template, template_emb, target_emb, preset, device=device)
+        corr = match_correspondences(template, template_emb, target_emb, preset, device=device, body=body)
         affine = fit_correspondence_affine(corr, preset, seed).transform
         kept = corr.valid
         residual = fit_smooth_residual(

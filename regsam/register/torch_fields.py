@@ -38,8 +38,6 @@ from regsam.errors import InputError
 from regsam.io.transforms import TransformLike, check_displacement_field, transform_to_field
 
 
-
-# ------------------------------------------------------------------ devices
 # ------------------------------------------------------------------ geometry
 def direction_matrix(image: sitk.Image) -> np.ndarray:
     """3x3 direction matrix (columns = world directions of the index axes x, y, z)."""
