@@ -160,6 +160,18 @@ def threshold_masks(
     return _upsample_mask(body, factors, ct), _upsample_mask(lungs, factors, ct)
 
 
+def body_mask(image: sitk.Image) -> sitk.Image:
+    """The body (or, for a non-chest image, everything denser than air): where the fixed points are matched from."""
+    try:
+        body, _ = threshold_masks(image)
+    except InputError:
+        # Not a chest CT with aerated lungs: use everything denser than air.
+        body = sitk.Cast(image > -500, sitk.sitkUInt8)
+    if not np.any(sitk.GetArrayViewFromImage(body)):
+        raise InputError("fixed image: no body voxels found (nothing denser than air)")
+    return body
+
+
 def _upsample_mask(mask: np.ndarray, factors: Sequence[int], reference: sitk.Image) -> sitk.Image:
     """Undo ``BinShrink``: repeat each coarse voxel over the fine voxels it averaged (edge rows repeat the last)."""
     out = mask

@@ -8,8 +8,8 @@ mostly matched right. Consensus matching uses that:
 1. grid points inside the template's body (every ``anchor_spacing_mm``, at most ``max_anchors``) are
    matched into the target by nearest-neighbour search; matches whose backward match does not return
    within ``anchor_cycle_mm`` are dropped;
-2. a robust affine map (RANSAC, :mod:`regsam.register.affine`) and a smooth B-spline residual
-   (penalised, iteratively reweighted, :mod:`regsam.register.coarse`) are fitted to the kept matches;
+2. a robust affine map (RANSAC, :mod:`regsam.fit.affine`) and a smooth B-spline residual
+   (penalised, iteratively reweighted, :mod:`regsam.fit.smooth`) are fitted to the kept matches;
 3. each query point is mapped through affine + residual. Its ``score`` is the embedding similarity of
    the point and its match; with a cycle tolerance, the same map is fitted from the target back to the
    template and a point is ``valid`` when its round trip returns within the tolerance.
@@ -28,9 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from regsam.data.masks import body_mask
+from regsam.embed.correspondences import MatchSettings, fit_correspondence_affine, match_correspondences
 from regsam.embed.inference import Embedding
 from regsam.embed.matching import MatchResult, _as_points, similarity_at
 from regsam.errors import InputError
+from regsam.fit.smooth import SmoothFit, fit_smooth_residual
 
 #: grid spacing (mm) of the template points whose matches build the consensus map
 DEFAULT_ANCHOR_SPACING_MM = 16.0
@@ -46,13 +49,13 @@ class ConsensusMap:
 
     Attributes:
         affine: ``sitk.AffineTransform`` template mm -> target mm (RANSAC on the kept anchor matches).
-        residual: :class:`regsam.register.coarse.SmoothFit`, the smooth correction after the affine (mm).
+        residual: :class:`regsam.fit.smooth.SmoothFit`, the smooth correction after the affine (mm).
         anchors: (M, 3) template anchor points (mm); ``anchor_matches`` (M, 3) their matches in the target;
             ``anchor_kept`` (M,) bool, passed the cycle check (and took part in the fits).
     """
 
     affine: sitk.Transform
-    residual: object
+    residual: SmoothFit
     anchors: np.ndarray
     anchor_matches: np.ndarray
     anchor_kept: np.ndarray
@@ -64,15 +67,17 @@ class ConsensusMap:
         return moved + self.residual.evaluate(points)
 
 
-def _anchor_preset(body: sitk.Image, spacing_mm: float, max_anchors: int, cycle_mm: float):
-    from regsam.register.sam import SamPreset
+#: smoothing and control spacing (mm) of the residual B-spline after the affine
+_RESIDUAL_SMOOTHING_MM = 12.0
+_RESIDUAL_GRID_MM = 20.0
 
+
+def _anchor_preset(body: sitk.Image, spacing_mm: float, max_anchors: int, cycle_mm: float) -> MatchSettings:
     voxel_mm3 = float(np.prod(body.GetSpacing()))
     body_mm3 = float(np.count_nonzero(sitk.GetArrayViewFromImage(body))) * voxel_mm3
     spacing = max(float(spacing_mm), (body_mm3 / max(int(max_anchors), 1)) ** (1.0 / 3.0))
     return dataclasses.replace(
-        SamPreset(), point_spacing_mm=spacing, cycle_tolerance_mm=float(cycle_mm), min_score=-1.0,
-        coarse_smoothing_mm=12.0, coarse_grid_mm=20.0,
+        MatchSettings(), point_spacing_mm=spacing, cycle_tolerance_mm=float(cycle_mm), min_score=-1.0,
     )
 
 
@@ -95,9 +100,6 @@ def fit_consensus_map(
     Raises:
         InputError: no body in the template, or too few anchor matches survive the cycle check for a fit.
     """
-    from regsam.register.coarse import fit_smooth_residual
-    from regsam.register.sam import body_mask, fit_correspondence_affine, match_correspondences
-
     if anchor_spacing_mm <= 0 or max_anchors < 8 or anchor_cycle_mm <= 0:
         raise InputError("anchor spacing and cycle tolerance must be positive and max_anchors at least 8")
     body = body_mask(template)
@@ -108,7 +110,7 @@ def fit_consensus_map(
         kept = corr.valid
         residual = fit_smooth_residual(
             corr.fixed[kept], corr.moving[kept], template, affine, weights=np.clip(corr.score[kept], 0.01, None),
-            smoothing_mm=preset.coarse_smoothing_mm, grid_spacing_mm=preset.coarse_grid_mm,
+            smoothing_mm=_RESIDUAL_SMOOTHING_MM, grid_spacing_mm=_RESIDUAL_GRID_MM,
         )
     except InputError as exc:
         raise InputError(f"consensus matching found no consistent map ({exc}); try --mode nearest") from None

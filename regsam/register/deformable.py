@@ -1,7 +1,7 @@
 """Per-pair deformable refinement by gradient descent (Adam), multi-resolution, on CPU or GPU.
 
 Starting from an initial mapping ``T0`` (fixed -> moving: an affine, the coarse field of
-:mod:`regsam.register.coarse`, any transform or field, or identity), a residual displacement
+:mod:`regsam.fit.smooth`, any transform or field, or identity), a residual displacement
 ``r`` on a working grid over the fixed image is optimised so that the final mapping
 
     x  ->  T0(x + r(x))            (displacement u(x) = r(x) + u0(x + r(x)))
@@ -305,7 +305,7 @@ def refine_deformable(
     Args:
         fixed, moving: 3D CT volumes (HU), any grids; world coordinates relate them.
         initial: the starting fixed -> moving mapping: a SimpleITK transform, a displacement field
-            (e.g. :func:`regsam.register.coarse.fit_smooth_field`), or ``None`` (identity).
+            (e.g. :func:`regsam.fit.smooth.fit_smooth_field`), or ``None`` (identity).
         preset: ``fast`` (default: 4 mm, 2 levels) or ``accurate`` (2 mm, 3 levels); see :data:`PRESETS`.
         fixed_mask: optional mask (non-zero inside, any grid) weighting the similarity terms.
         fixed_features, moving_features: optional feature maps (C, D, H, W) (torch or numpy) of the

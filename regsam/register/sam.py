@@ -2,10 +2,10 @@
 
 Each stage lives in its own module and can be switched off (``stages``):
 
-1. **affine** (:mod:`regsam.register.affine`): grid points inside the fixed body are matched
+1. **affine** (:mod:`regsam.embed.correspondences`): grid points inside the fixed body are matched
    into the moving image by embedding nearest-neighbour search; matches that fail the
    backward (cycle) check or score low are dropped; RANSAC then least squares.
-2. **coarse** (:mod:`regsam.register.coarse`): a smooth dense displacement fitted to all
+2. **coarse** (:mod:`regsam.fit.smooth`): a smooth dense displacement fitted to all
    kept correspondences, composed with the affine.
 3. **deformable** (:mod:`regsam.register.deformable`): per-pair optimisation of LNCC + embedding
    dissimilarity + bending energy, started from the coarse field.
@@ -20,25 +20,27 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
+from regsam.data.masks import body_mask
+from regsam.embed.correspondences import MatchSettings, fit_correspondence_affine, match_correspondences
+from regsam.embed.inference import embed_image
+from regsam.embed.model import load_embedder
 from regsam.errors import InputError
+from regsam.fit.correspondences import Correspondences
+from regsam.fit.smooth import fit_smooth_field
 from regsam.io.images import AIR_HU
 from regsam.io.transforms import transform_to_field, warp_image
+from regsam.register.deformable import refine_deformable
 from regsam.register.result import RegistrationResult
 
 STAGES = ("affine", "coarse", "deformable")
 
 
 @dataclass(frozen=True)
-class SamPreset:
-    """Settings of one ``--preset`` of the SAM method (distances in mm)."""
+class SamPreset(MatchSettings):
+    """Settings of one ``--preset`` of the SAM method (distances in mm); the matching fields come from MatchSettings."""
 
-    point_spacing_mm: float = 20.0  # grid of fixed points matched into the moving image
-    cycle_tolerance_mm: float = 8.0  # backward match must return this close
-    match_candidates: int = 2  # coarse maxima searched finely per point (the cycle check catches the rest)
-    match_radius_mm: float = 12.0  # half-width of the fine search cube
-    min_score: float = 0.3  # (fine + coarse cosine) / 2
-    ransac_threshold_mm: float = 8.0
     coarse_smoothing_mm: float = 20.0
     coarse_grid_mm: float = 24.0
     deformable: str = "fast"  # preset of regsam.register.deformable
@@ -62,64 +64,6 @@ PRESETS: dict[str, SamPreset] = {
 DEFAULT_PRESET = "fast"
 
 
-@dataclass
-class Correspondences:
-    """Matched point pairs: fixed (N, 3) mm -> moving (N, 3) mm, with score, cycle validity and affine inlier flags."""
-
-    fixed: np.ndarray
-    moving: np.ndarray
-    score: np.ndarray
-    valid: np.ndarray
-    inlier: np.ndarray
-
-    def to_csv(self) -> str:
-        rows = ["fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z,score,cycle_ok,affine_inlier"]
-        for f, m, s, v, i in zip(self.fixed, self.moving, self.score, self.valid, self.inlier):
-            rows.append(",".join(f"{c:.4f}" for c in (*f, *m)) + f",{s:.4f},{int(v)},{int(i)}")
-        return "\n".join(rows) + "\n"
-
-
-def grid_points_in_mask(mask: sitk.Image, spacing_mm: float) -> np.ndarray:
-    """World points (N, 3) on a regular ``spacing_mm`` grid that fall inside ``mask`` (non-zero)."""
-    array = sitk.GetArrayViewFromImage(mask)
-    step = [max(1, int(round(spacing_mm / s))) for s in reversed(mask.GetSpacing())]  # z, y, x
-    sub = array[:: step[0], :: step[1], :: step[2]]
-    zyx = np.argwhere(sub > 0) * np.array(step)
-    index = zyx[:, ::-1].astype(np.float64)
-    direction = np.array(mask.GetDirection()).reshape(3, 3)
-    return np.asarray(mask.GetOrigin()) + (index * np.asarray(mask.GetSpacing())) @ direction.T
-
-
-def body_mask(image: sitk.Image) -> sitk.Image:
-    """The body (or, for a non-chest image, everything denser than air): where the fixed points are matched from."""
-    from regsam.data.masks import threshold_masks
-
-    try:
-        body, _ = threshold_masks(image)
-    except InputError:
-        # Not a chest CT with aerated lungs: use everything denser than air.
-        body = sitk.Cast(image > -500, sitk.sitkUInt8)
-    if not np.any(sitk.GetArrayViewFromImage(body)):
-        raise InputError("fixed image: no body voxels found (nothing denser than air)")
-    return body
-
-
-def find_correspondences(fixed_emb, moving_emb, fixed_body: sitk.Image, preset: SamPreset, device=None) -> Correspondences:
-    """Match grid points inside the fixed body into the moving image (cycle-checked)."""
-    from regsam.embed.matching import match_points
-
-    points = grid_points_in_mask(fixed_body, preset.point_spacing_mm)
-    points = points[fixed_emb.contains(points)]
-    if len(points) < 8:
-        raise InputError(f"only {len(points)} fixed body points to match; the fixed image is too small or empty")
-    result = match_points(
-        fixed_emb, points, moving_emb, cycle_tolerance_mm=preset.cycle_tolerance_mm,
-        fine_radius_mm=preset.match_radius_mm, coarse_candidates=preset.match_candidates, device=device,
-    )
-    keep = result.valid & (result.score >= preset.min_score)
-    return Correspondences(points, result.matched, result.score, keep, np.zeros(len(points), bool))
-
-
 def parse_stages(stages: Sequence[str] | str, known: Sequence[str], method: str) -> list[str]:
     """``"affine,coarse"`` or a list -> the stage names, each one of ``known``; InputError otherwise (or if none)."""
     wanted = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
@@ -131,41 +75,9 @@ def parse_stages(stages: Sequence[str] | str, known: Sequence[str], method: str)
 
 def embed_pair(fixed: sitk.Image, moving: sitk.Image, weights: str | None = None, device: str | None = None):
     """Embed both images with the embedder ``weights`` (default: the shipped one): ``(fixed_emb, moving_emb, device)``."""
-    from regsam.embed.inference import embed_image
-    from regsam.embed.model import load_embedder
-
     model = load_embedder(weights, device=device)
     dev = next(model.parameters()).device
     return embed_image(model, fixed, device=dev), embed_image(model, moving, device=dev), dev
-
-
-def match_correspondences(
-    fixed: sitk.Image, fixed_emb, moving_emb, preset: SamPreset, device=None, min_kept: int = 8, body: sitk.Image | None = None
-) -> Correspondences:
-    """:func:`find_correspondences` from the fixed body (``body``, default :func:`body_mask`); InputError if fewer than ``min_kept`` are kept."""
-    corr = find_correspondences(fixed_emb, moving_emb, body if body is not None else body_mask(fixed), preset, device=device)
-    if corr.valid.sum() < min_kept:
-        raise InputError(
-            f"only {int(corr.valid.sum())} reliable SAM correspondences (of {len(corr.fixed)}); "
-            "the images may not show the same anatomy"
-        )
-    return corr
-
-
-def fit_correspondence_affine(corr: Correspondences, preset: SamPreset, seed: int = 0):
-    """RANSAC affine (fixed -> moving) of the kept correspondences; marks ``corr.inlier``, returns the ``AffineFit``."""
-    from regsam.register.affine import fit_affine_ransac
-
-    keep = np.flatnonzero(corr.valid)
-    try:
-        fit = fit_affine_ransac(
-            corr.fixed[keep], corr.moving[keep], weights=corr.score[keep], threshold_mm=preset.ransac_threshold_mm, seed=seed
-        )
-    except InputError as exc:
-        raise InputError(f"SAM correspondences: {exc}") from None
-    corr.inlier[:] = False
-    corr.inlier[keep[fit.inliers]] = True
-    return fit
 
 
 def affine_summary(fit) -> dict[str, Any]:
@@ -180,8 +92,6 @@ def shared_pca_features(fixed_fine: np.ndarray, moving_fine: np.ndarray, compone
     of the cosine structure at a fraction of the cost of all C channels. Outputs are float32,
     (components, D, H, W), re-normalised to unit length along the channels.
     """
-    import torch
-
     channels = fixed_fine.shape[0]
     if components >= channels:
         return fixed_fine.astype(np.float32), moving_fine.astype(np.float32)
@@ -225,9 +135,6 @@ def register_sam(
         device: ``cpu`` or ``cuda`` (default: CUDA when available).
         weights: embedder weights file (default: the shipped ``regsam/weights/sam_chest.pt``).
     """
-    from regsam.register.coarse import fit_smooth_field
-    from regsam.register.deformable import refine_deformable
-
     start = time.perf_counter()
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from regsam.embed.correspondences import fit_correspondence_affine, match_correspondences
 from regsam.errors import InputError
 from regsam.io.images import AIR_HU
 from regsam.io.transforms import transform_to_field, warp_image
@@ -117,11 +118,11 @@ def register_sam_elastix(
     fixed_emb, moving_emb, dev = sam.embed_pair(fixed, moving, weights, device)
     timings["embed"] = time.perf_counter() - t
     t = time.perf_counter()
-    corr = sam.match_correspondences(fixed, fixed_emb, moving_emb, sam_cfg, device=dev, min_kept=cfg.min_points)
+    corr = match_correspondences(fixed, fixed_emb, moving_emb, sam_cfg, device=dev, min_kept=cfg.min_points)
     timings["match"] = time.perf_counter() - t
     del fixed_emb, moving_emb
     t = time.perf_counter()
-    fit = sam.fit_correspondence_affine(corr, sam_cfg, seed)
+    fit = fit_correspondence_affine(corr, sam_cfg, seed)
     timings["affine"] = time.perf_counter() - t
     if fit.n_inliers < cfg.min_points:
         raise InputError(
@@ -138,6 +139,7 @@ def register_sam_elastix(
     artifacts = {"correspondences.csv": corr.to_csv()}
 
     if "bspline" in wanted:
+        # lazy: importing itk-elastix takes ~20 s, paid only when the B-spline stage runs
         from regsam.register.elastix import register_elastix
 
         use_points = np.any(np.asarray(point_w, dtype=np.float64) > 0)

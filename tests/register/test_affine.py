@@ -1,4 +1,4 @@
-"""regsam.register.affine.fit_affine_ransac: planted affine transforms with outliers."""
+"""regsam.fit.affine.fit_affine_ransac: planted affine transforms with outliers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.transforms import map_points, warp_image
-from regsam.register.affine import AffineFit, fit_affine_ransac
+from regsam.fit.affine import AffineFit, fit_affine_ransac
 
 
 def planted_affine(

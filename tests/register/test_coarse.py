@@ -1,4 +1,4 @@
-"""regsam.register.coarse: smooth dense fields from sparse, noisy correspondences with outliers."""
+"""regsam.fit.smooth: smooth dense fields from sparse, noisy correspondences with outliers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.transforms import folding_share, map_points, transform_to_field
-from regsam.register.coarse import field_from_fit, fit_smooth_field, fit_smooth_residual
+from regsam.fit.smooth import field_from_fit, fit_smooth_field, fit_smooth_residual
 
 
 def reference_grid(direction=None) -> sitk.Image:

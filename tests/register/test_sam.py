@@ -13,6 +13,8 @@ import pytest
 import SimpleITK as sitk
 
 from regsam.bench.tre import map_and_score
+from regsam.data.masks import body_mask
+from regsam.embed.correspondences import find_correspondences
 from regsam.embed.model import DEFAULT_WEIGHTS
 from regsam.io.images import resample_to_spacing
 from regsam.io.transforms import folding_share, transform_to_field
@@ -43,7 +45,7 @@ def _central_points(image: sitk.Image, n: int, seed: int, margin: float = 0.25) 
 def test_sam_affine_recovers_planted_affine(held_out_ct, embedder):
     from regsam.embed.inference import embed_image
     from regsam.register import sam
-    from regsam.register.affine import fit_affine_ransac
+    from regsam.fit.affine import fit_affine_ransac
 
     fixed = held_out_ct
     centre = np.array(fixed.TransformContinuousIndexToPhysicalPoint([s / 2 for s in fixed.GetSize()]))
@@ -59,7 +61,7 @@ def test_sam_affine_recovers_planted_affine(held_out_ct, embedder):
     truth = np.array([planted.TransformPoint(p.tolist()) for p in landmarks])
 
     fe, me = embed_image(embedder, fixed), embed_image(embedder, moving)
-    corr = sam.find_correspondences(fe, me, sam.body_mask(fixed), sam.PRESETS["fast"])
+    corr = find_correspondences(fe, me, body_mask(fixed), sam.PRESETS["fast"])
     keep = np.flatnonzero(corr.valid)
     fit = fit_affine_ransac(corr.fixed[keep], corr.moving[keep], weights=corr.score[keep], threshold_mm=6.0)
     recovered = np.array([fit.transform.TransformPoint(p.tolist()) for p in landmarks])
@@ -73,8 +75,8 @@ def test_each_sam_stage_lowers_tre_on_a_simulated_breathing_pair(held_out_ct, em
     from regsam.data.simulate import SimulationConfig, simulate_case
     from regsam.embed.inference import embed_image
     from regsam.register import sam
-    from regsam.register.affine import fit_affine_ransac
-    from regsam.register.coarse import fit_smooth_field
+    from regsam.fit.affine import fit_affine_ransac
+    from regsam.fit.smooth import fit_smooth_field
     from regsam.register.deformable import refine_deformable
 
     pair = simulate_case(held_out_ct, SimulationConfig(seed=2, motion="parametric", amplitude_mm=15.0))
@@ -87,7 +89,7 @@ def test_each_sam_stage_lowers_tre_on_a_simulated_breathing_pair(held_out_ct, em
 
     initial = float(np.linalg.norm(f_pts - m_pts, axis=1).mean())
     fe, me = embed_image(embedder, fixed), embed_image(embedder, moving)
-    corr = sam.find_correspondences(fe, me, sam.body_mask(fixed), cfg)
+    corr = find_correspondences(fe, me, body_mask(fixed), cfg)
     keep = np.flatnonzero(corr.valid)
     fit = fit_affine_ransac(corr.fixed[keep], corr.moving[keep], weights=corr.score[keep], threshold_mm=cfg.ransac_threshold_mm)
     affine_tre = tre(transform_to_field(fit.transform, fixed))

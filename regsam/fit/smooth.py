@@ -1,7 +1,7 @@
 """Dense, smooth displacement field from sparse (noisy, partly wrong) correspondences.
 
 Given correspondences fixed ``x_i`` -> moving ``y_i`` (mm, world LPS) and an initial transform ``A``
-(typically the RANSAC affine of :mod:`regsam.register.affine`), the residuals
+(typically the RANSAC affine of :mod:`regsam.fit.affine`), the residuals
 ``r_i = y_i - A(x_i)`` are approximated by a smooth vector function ``r(x)`` and the result is
 the field ``u(x) = A(x) + r(x) - x`` on the fixed grid, i.e. fixed ``x`` -> moving ``A(x) + r(x)``
 (regsam's convention; ``sitk.Resample(moving, fixed, DisplacementFieldTransform(u))`` warps).
@@ -32,7 +32,7 @@ from scipy.sparse.linalg import LinearOperator, cg
 from scipy.spatial import cKDTree
 
 from regsam.errors import InputError
-from regsam.register.affine import check_correspondences
+from regsam.fit.affine import check_correspondences
 from regsam.io.transforms import transform_to_field
 
 #: minimum number of correspondences (with positive weight) inside the reference grid
