@@ -122,10 +122,10 @@ def run_registration_process(
 
 def score_registration(case: Case, run_dir: Path) -> dict:
     """TRE per point set and Jacobian statistics of a finished registration folder."""
-    from regsam.bench.tre import jacobian_summary, map_and_score, summarize_errors
+    from regsam.bench.tre import map_and_score, summarize_errors
     from regsam.data.masks import threshold_masks
     from regsam.io.images import read_image
-    from regsam.io.transforms import read_displacement_field
+    from regsam.io.transforms import jacobian_summary, read_displacement_field
 
     field = read_displacement_field(run_dir / "disp.nii.gz")
     sets = {}

@@ -1,4 +1,4 @@
-"""Target registration error (TRE) and Jacobian statistics.
+"""Target registration error (TRE); Jacobian statistics are in :func:`regsam.io.transforms.jacobian_summary`.
 
 A registration maps a fixed point ``x`` to ``x + u(x)`` in the moving image; its
 TRE at a landmark pair is the distance (mm) between the mapped fixed landmark and
@@ -9,11 +9,10 @@ straight into JSON.
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.landmarks import as_points
-from regsam.io.transforms import TransformLike, jacobian_determinant, map_points, mask_on_grid
+from regsam.io.transforms import TransformLike, map_points
 
 #: The usual "registration succeeded at this landmark" threshold (mm).
 SUCCESS_MM = 2.0
@@ -64,22 +63,3 @@ def summarize_errors(errors: np.ndarray) -> dict:
         "pct_under_2mm": float(100.0 * np.mean(e < SUCCESS_MM)),
     }
 
-
-def jacobian_summary(field: sitk.Image, mask: sitk.Image | None = None) -> dict:
-    """Jacobian-determinant statistics of a displacement field, inside ``mask`` (non-zero) if given.
-
-    A mask on another grid is resampled onto the field's grid (nearest neighbour).
-
-    Returns:
-        floats ``folding_share`` (0-1 share of voxels with det <= 0), ``jac_min``, ``jac_max``,
-        ``jac_mean``, ``jac_std`` (population SD).
-    """
-    det = sitk.GetArrayFromImage(jacobian_determinant(field))
-    values = det[mask_on_grid(mask, field)] if mask is not None else det.ravel()
-    return {
-        "folding_share": float(np.mean(values <= 0)),
-        "jac_min": float(values.min()),
-        "jac_max": float(values.max()),
-        "jac_mean": float(values.mean()),
-        "jac_std": float(values.std()),
-    }

@@ -337,3 +337,23 @@ def folding_share(field: sitk.Image, mask: sitk.Image | None = None) -> float:
     det = sitk.GetArrayFromImage(jacobian_determinant(field))
     values = det[mask_on_grid(mask, field)] if mask is not None else det.ravel()
     return float(np.mean(values <= 0))
+
+
+def jacobian_summary(field: sitk.Image, mask: sitk.Image | None = None) -> dict:
+    """Jacobian-determinant statistics of a displacement field, inside ``mask`` (non-zero) if given.
+
+    A mask on another grid is resampled onto the field's grid (nearest neighbour).
+
+    Returns:
+        floats ``folding_share`` (0-1 share of voxels with det <= 0), ``jac_min``, ``jac_max``,
+        ``jac_mean``, ``jac_std`` (population SD).
+    """
+    det = sitk.GetArrayFromImage(jacobian_determinant(field))
+    values = det[mask_on_grid(mask, field)] if mask is not None else det.ravel()
+    return {
+        "folding_share": float(np.mean(values <= 0)),
+        "jac_min": float(values.min()),
+        "jac_max": float(values.max()),
+        "jac_mean": float(values.mean()),
+        "jac_std": float(values.std()),
+    }

@@ -30,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from regsam import __version__
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_dir
 from regsam.io.images import AIR_HU
 from regsam.io.landmarks import as_points
 from regsam.io.transforms import (
     check_displacement_field,
+    jacobian_summary,
     map_points,
     read_affine,
     read_displacement_field,
@@ -179,8 +181,6 @@ class RegistrationResult:
 
     def jacobian_stats(self, mask: sitk.Image | None = None) -> dict:
         """det J of x -> x + u(x): ``{"grid": {...}}`` over the fixed grid, plus ``"mask"`` within ``mask``."""
-        from regsam.bench.tre import jacobian_summary
-
         out = {"grid": jacobian_summary(self.displacement)}
         if mask is not None:
             out["mask"] = jacobian_summary(self.displacement, mask)
@@ -189,8 +189,6 @@ class RegistrationResult:
     # -------------------------------------------------------------- folder
     def summary(self, fixed_mask: sitk.Image | None = None, summary_extra: dict | None = None) -> dict:
         """The content of summary.json (``summary_extra`` adds or replaces top-level keys)."""
-        from regsam import __version__
-
         jac = self.jacobian_stats(fixed_mask)
         summary = {
             "method": self.method,

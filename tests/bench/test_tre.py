@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from regsam.bench.tre import jacobian_summary, map_and_score, summarize_errors, target_registration_error
+from regsam.bench.tre import map_and_score, summarize_errors, target_registration_error
 from regsam.errors import InputError
 from regsam.io.landmarks import read_dirlab_xyz
-from regsam.io.transforms import transform_to_field
+from regsam.io.transforms import jacobian_summary, transform_to_field
 
 # Castillo et al. 2009 (DIR-Lab 4DCT, 300 landmarks T00 vs T50): spacing (mm), identity mean (SD) TRE.
 DIRLAB = {
