@@ -34,6 +34,7 @@ import numpy as np
 
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.util import last_line
 
 #: tolerance (mm) of the ``cycle`` preset
 CYCLE_TOLERANCE_MM = 6.0
@@ -133,11 +134,6 @@ def match_case(case, preset: str | None, run_dir: str | os.PathLike, device: str
     return {"point_sets": point_sets, "summary": summary, "timings": timings}
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
 def run_match_task(case, spec, run_dir: str | os.PathLike) -> dict:
     """Run ``sam[:preset]`` on one case in a child process; return ``point_sets``, ``summary`` and ``timings``.
 
@@ -156,7 +152,7 @@ def run_match_task(case, spec, run_dir: str | os.PathLike) -> dict:
         cmd += ["--preset", spec.preset]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not out_json.is_file():
-        reason = _last_line(proc.stderr) or f"exit code {proc.returncode}"
+        reason = last_line(proc.stderr) or f"exit code {proc.returncode}"
         raise InputError(reason.removeprefix("regsam: error: "))
     return json.loads(out_json.read_text())
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from regsam.bench.runner import peak_memory_mb
+from regsam.bench.rows import peak_memory_mb
 from regsam.io.atomic import atomic_path
 
 POINT_SET = "points"

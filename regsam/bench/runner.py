@@ -24,9 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
+from regsam.bench.report import write_reports
+from regsam.bench.rows import summarize_rows
+from regsam.bench.tre import map_and_score, summarize_errors
 from regsam.data.case import Case, load_case
+from regsam.data.masks import threshold_masks
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.io.images import read_image
+from regsam.io.transforms import jacobian_summary, read_displacement_field
+from regsam.util import json_default, last_line
 
 DEFAULT_METHODS = ("elastix:lung",)
 
@@ -77,22 +84,7 @@ def find_case_folders(root: str | os.PathLike) -> list[Path]:
 
 def _write_json(data: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+        tmp.write_text(json.dumps(data, indent=2, default=json_default) + "\n")
 
 
 def run_registration_process(
@@ -115,18 +107,13 @@ def run_registration_process(
         return time.perf_counter() - start, f"timed out after {timeout_s:.0f} s"
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        reason = _last_line(proc.stderr) or f"exit code {proc.returncode}"
+        reason = last_line(proc.stderr) or f"exit code {proc.returncode}"
         return wall, reason.removeprefix("regsam: error: ")
     return wall, None
 
 
 def score_registration(case: Case, run_dir: Path) -> dict:
     """TRE per point set and Jacobian statistics of a finished registration folder."""
-    from regsam.bench.tre import map_and_score, summarize_errors
-    from regsam.data.masks import threshold_masks
-    from regsam.io.images import read_image
-    from regsam.io.transforms import jacobian_summary, read_displacement_field
-
     field = read_displacement_field(run_dir / "disp.nii.gz")
     sets = {}
     for name, (fixed_pts, moving_pts) in case.point_sets.items():
@@ -144,8 +131,6 @@ def score_registration(case: Case, run_dir: Path) -> dict:
 
 def initial_errors(case: Case) -> dict:
     """Identity (no registration) TRE per point set."""
-    from regsam.bench.tre import summarize_errors
-
     out = {}
     for name, (fixed_pts, moving_pts) in case.point_sets.items():
         errors = np.linalg.norm(np.asarray(moving_pts) - np.asarray(fixed_pts), axis=1)
@@ -210,8 +195,6 @@ def run_benchmark(
         "summary": summarize_rows(rows),
     }
     _write_json(results, out / "results.json")
-    from regsam.bench.report import write_reports
-
     write_reports(results, out)
     return results
 
@@ -255,34 +238,3 @@ def _run_one(case: Case, spec: MethodSpec, out: Path, task: str, timeout_s, reru
     say(f"{prefix} {case.name} {spec.label}: TRE {main['tre']['mean']:.2f} mm, {row['wall_s']:.1f} s")
     return row
 
-
-def peak_memory_mb(row: dict) -> float | None:
-    """Peak resident memory (MB) of a run, as recorded in its summary.json."""
-    value = row.get("summary", {}).get("peak_memory_mb")
-    return value.get("max") if isinstance(value, dict) else value
-
-
-def summarize_rows(rows: list[dict], point_set: str = "points") -> dict[str, dict]:
-    """Per method: mean over cases of each case's TRE statistics, wall time and memory (successful rows only)."""
-    summary: dict[str, dict] = {}
-    for method in dict.fromkeys(row["method"] for row in rows):
-        ok = [r for r in rows if r["method"] == method and r.get("status") == "ok" and point_set in r.get("point_sets", {})]
-        entry: dict = {"cases_ok": len(ok), "cases_failed": sum(1 for r in rows if r["method"] == method and r.get("status") != "ok")}
-        if ok:
-            all_errors = np.concatenate([r["point_sets"][point_set]["errors"] for r in ok])
-            entry["tre_mean_of_cases"] = float(np.mean([r["point_sets"][point_set]["tre"]["mean"] for r in ok]))
-            entry["tre_all_points"] = {
-                "mean": float(all_errors.mean()),
-                "median": float(np.median(all_errors)),
-                "p95": float(np.percentile(all_errors, 95)),
-                "max": float(all_errors.max()),
-                "pct_under_2mm": float(100.0 * np.mean(all_errors < 2.0)),
-            }
-            entry["wall_s_mean"] = float(np.mean([r["wall_s"] for r in ok]))
-            mems = [m for m in (peak_memory_mb(r) for r in ok) if m is not None]
-            entry["peak_memory_mb_max"] = float(max(mems)) if mems else None
-            folds = [r.get("jacobian_body", {}).get("folding_share") for r in ok]
-            folds = [f for f in folds if f is not None]
-            entry["folding_share_max"] = float(max(folds)) if folds else None
-        summary[method] = entry
-    return summary

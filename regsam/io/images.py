@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.util import last_line
 
 #: HU value used outside the scanned field of view (air).
 AIR_HU = -1024.0
@@ -67,8 +68,7 @@ def read_image(path: str | os.PathLike, name: str | None = None) -> sitk.Image:
     except InputError:
         raise
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-        raise InputError(f"{label}: cannot read image {path} ({first[:160]})") from None
+        raise InputError(f"{label}: cannot read image {path} ({last_line(exc, 'unknown error', 160)})") from None
     return check_volume(image, label)
 
 

@@ -39,6 +39,7 @@ from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
 from regsam.io.images import AIR_HU, same_grid
 from regsam.io.landmarks import as_points
+from regsam.util import last_line
 
 #: A spatial mapping fixed -> moving: any SimpleITK transform, or a displacement field image.
 TransformLike = Union[sitk.Transform, sitk.Image]
@@ -92,7 +93,7 @@ def read_displacement_field(path: str | os.PathLike) -> sitk.Image:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(f"{path}: cannot read displacement field ({_last_line(exc)})") from None
+        raise InputError(f"{path}: cannot read displacement field ({last_line(exc, 'unknown error', 160)})") from None
     return check_displacement_field(image, str(path))
 
 
@@ -110,13 +111,8 @@ def write_displacement_field(field: sitk.Image, path: str | os.PathLike, compres
         try:
             sitk.WriteImage(clean, str(tmp), compress)
         except RuntimeError as exc:
-            raise InputError(f"{path}: cannot write displacement field ({_last_line(exc)})") from None
+            raise InputError(f"{path}: cannot write displacement field ({last_line(exc, 'unknown error', 160)})") from None
     return path
-
-
-def _last_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error")[:160]
 
 
 # --- affine (linear) transforms --------------------------------------------------------
@@ -154,7 +150,7 @@ def read_affine(path: str | os.PathLike) -> sitk.Transform:
     try:
         transform = sitk.ReadTransform(str(path))
     except RuntimeError as exc:
-        raise InputError(f"{path}: not an ITK transform file ({_last_line(exc)})") from None
+        raise InputError(f"{path}: not an ITK transform file ({last_line(exc, 'unknown error', 160)})") from None
     transform = transform.Downcast()
     if isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
         transform = transform.GetNthTransform(0).Downcast()

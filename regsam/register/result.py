@@ -43,6 +43,7 @@ from regsam.io.transforms import (
     read_displacement_field,
     warp_image,
 )
+from regsam.util import json_default, last_line
 
 DISP_FILE = "disp.nii.gz"
 WARPED_FILE = "warped.nii.gz"
@@ -103,18 +104,6 @@ def peak_memory_mb() -> dict:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
     return {"self": round(own, 1), "children": round(children, 1), "max": round(max(own, children), 1)}
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 # ------------------------------------------------------------------ the result
@@ -232,7 +221,7 @@ class RegistrationResult:
             ``out_dir`` as a Path. An existing folder is replaced.
         """
         out = Path(out_dir)
-        text = json.dumps(self.summary(fixed_mask, summary_extra), indent=2, default=_json_default) + "\n"
+        text = json.dumps(self.summary(fixed_mask, summary_extra), indent=2, default=json_default) + "\n"
         with atomic_dir(out) as tmp:
             # float32 on disk halves the size; the field is read back as VectorFloat64.
             sitk.WriteImage(sitk.Cast(self.displacement, sitk.sitkVectorFloat32), str(tmp / DISP_FILE), True)
@@ -271,8 +260,7 @@ class RegistrationResult:
         try:
             warped = sitk.ReadImage(str(root / WARPED_FILE))
         except RuntimeError as exc:
-            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-            raise InputError(f"{root / WARPED_FILE}: cannot read image ({last[:160]})") from None
+            raise InputError(f"{root / WARPED_FILE}: cannot read image ({last_line(exc, 'unknown error', 160)})") from None
         affine = read_affine(root / AFFINE_FILE) if (root / AFFINE_FILE).is_file() else None
         return cls(
             displacement=displacement,
