@@ -9,6 +9,15 @@ index ``A_1^-1 p`` in view 1 and ``A_2^-1 p`` in view 2: positives are exact by 
 
 Tensors follow torch's (B, C, D, H, W) = (B, C, z, y, x) layout; all index triples and affines are
 (x, y, z). Everything geometric is float64 numpy; only the final grids are cast to float32.
+
+Augmentations that keep positives exact (they change intensities or the view's affine, never the
+bookkeeping): per-view rotation (``rotation_deg``), thick-slice simulation (``thick_slice_prob``: the view
+reads the scan as if it had been acquired with ``t``-mm axial slices, slab-averaged and linearly
+interpolated along world z, like the 5-8 mm scans of the training data), and intensity changes.
+
+*Parts* (for the ACE and Adam objectives): :func:`split_grid` cuts a view into a ``(gx, gy, gz)`` grid of
+sub-views with the same spacing and orientation; :class:`TwoViewSampler` draws them from view 1 (each with
+its own intensity augmentation) when ``part_grids`` asks for them.
 """
 
 from __future__ import annotations
@@ -169,6 +178,10 @@ class CropConfig:
     #: Gaussian noise std range in HU; SAM: 0-0.001 of its 0-255 scale (~0 HU)
     noise_std_hu: tuple[float, float] = (0.0, 20.0)
     hu_window: tuple[float, float] = HU_WINDOW
+    #: probability that a view is read as a thick-slice acquisition (regsam addition, SAM: none)
+    thick_slice_prob: float = 0.0
+    #: slice thickness = spacing range (mm, along world z) of the simulated acquisition
+    thick_slice_mm: tuple[float, float] = (3.0, 8.0)
 
     @classmethod
     def from_dict(cls, values: dict) -> "CropConfig":
@@ -181,6 +194,12 @@ class CropConfig:
             raise InputError(f"crops.size must be 3 positive voxel counts (x, y, z), got {out.size}")
         if not 0 < out.scale_range[0] <= out.scale_range[1]:
             raise InputError(f"crops.scale_range must be 0 < lo <= hi, got {out.scale_range}")
+        if not 0.0 <= out.rotation_deg <= 90.0:
+            raise InputError(f"crops.rotation_deg must be in [0, 90], got {out.rotation_deg}")
+        if not 0.0 <= out.thick_slice_prob <= 1.0:
+            raise InputError(f"crops.thick_slice_prob must be in [0, 1], got {out.thick_slice_prob}")
+        if len(out.thick_slice_mm) != 2 or not 0 < out.thick_slice_mm[0] <= out.thick_slice_mm[1]:
+            raise InputError(f"crops.thick_slice_mm must be 0 < lo <= hi, got {out.thick_slice_mm}")
         return out
 
 
@@ -261,14 +280,96 @@ def view_sampling_grid(view: ViewGeometry, scan: Scan) -> torch.Tensor:
     return normalized_grid(scan_index, scan.size_xyz).to(torch.float32)[None]
 
 
-def sample_view(scan: Scan, view: ViewGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_world(scan: Scan, world: torch.Tensor) -> torch.Tensor:
+    """Scan intensities at world points (z, y, x, 3) (mm, float64) -> (1, 1, z, y, x); air (-1) outside."""
+    scan_index = apply_affine(torch.from_numpy(scan.world_to_index), world)
+    grid = normalized_grid(scan_index, scan.size_xyz).to(torch.float32)[None]
+    return F.grid_sample(scan.volume + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=True) - 1.0
+
+
+def sample_thick_slices(scan: Scan, view: ViewGeometry, thickness_mm: float, phase: float) -> torch.Tensor:
+    """``scan`` on ``view`` as a ``thickness_mm`` axial acquisition would show it: (1, 1, z, y, x).
+
+    Slices (slab averages over ``thickness_mm`` along world z, 3-point rule) are centred on world z
+    ``z_k = (k + phase) * thickness_mm``, ``phase`` in [0, 1); each view voxel interpolates linearly between
+    the two slices around its world z (what resampling a thick-slice scan to 2 mm does at inference).
+    """
+    t = float(thickness_mm)
+    world = apply_affine(torch.from_numpy(view.index_to_world), voxel_centres(view.size))  # (z, y, x, 3)
+    pos = world[..., 2] / t - float(phase)
+    below = torch.floor(pos)
+    frac = (pos - below).to(torch.float32)[None, None]
+    out = torch.zeros((1, 1, *world.shape[:3]), dtype=torch.float32)
+    for k, weight in ((below, 1.0 - frac), (below + 1.0, frac)):
+        slab = torch.zeros_like(out)
+        for offset in (-1.0 / 3.0, 0.0, 1.0 / 3.0):
+            shifted = world.clone()
+            shifted[..., 2] = (k + float(phase) + offset) * t
+            slab += _sample_world(scan, shifted) / 3.0
+        out += weight * slab
+    return out
+
+
+def sample_view(scan: Scan, view: ViewGeometry, thickness_mm: float | None = None, phase: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample ``scan`` on ``view``: intensities (1, 1, z, y, x) (air, -1, outside the scan) and a bool mask
-    (1, 1, z, y, x) of voxels inside the scan."""
+    (1, 1, z, y, x) of voxels inside the scan. ``thickness_mm``: read it as a thick-slice acquisition
+    (:func:`sample_thick_slices`); the mask and the geometry stay those of ``view``."""
     grid = view_sampling_grid(view, scan)
+    valid = (grid.abs() <= 1.0 + 1e-6).all(dim=-1)[:, None]
+    if thickness_mm:
+        return sample_thick_slices(scan, view, thickness_mm, phase), valid
     # sample (volume + 1) with zero padding so that outside the scan reads as air (-1)
     values = F.grid_sample(scan.volume + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=True) - 1.0
-    valid = (grid.abs() <= 1.0 + 1e-6).all(dim=-1)[:, None]
     return values, valid
+
+
+def split_grid(view: ViewGeometry, grid: Sequence[int]) -> list[ViewGeometry]:
+    """Cut ``view`` into a ``(gx, gy, gz)`` grid of sub-views (same spacing and orientation).
+
+    Sub-view ``p = (c * gy + b) * gx + a`` (x fastest, as torch flattens (z, y, x)) covers view voxels
+    ``[a * sx, (a + 1) * sx) x [b * sy, ...) x [c * sz, ...)`` with ``(sx, sy, sz) = size / grid``; its voxel
+    ``i`` is view voxel ``(a * sx, b * sy, c * sz) + i``, i.e. the same world point.
+
+    Raises:
+        InputError: a grid count that does not divide the view size.
+    """
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != 3 or min(grid) < 1 or any(s % g for s, g in zip(view.size, grid)):
+        raise InputError(f"part grid {grid} must be 3 positive counts dividing the view size {view.size}")
+    sub = tuple(s // g for s, g in zip(view.size, grid))
+    parts = []
+    for c in range(grid[2]):
+        for b in range(grid[1]):
+            for a in range(grid[0]):
+                affine = np.array(view.index_to_world, copy=True)
+                affine[:3, 3] = view.to_world(np.array([[a * sub[0], b * sub[1], c * sub[2]]], dtype=np.float64))[0]
+                parts.append(ViewGeometry(sub, affine, view.scale))
+    return parts
+
+
+def hierarchy_grids(size: Sequence[int], levels: int, min_part: int = 16) -> list[tuple[int, int, int]]:
+    """Grids of a coarse-to-fine binary decomposition of a ``size`` (x, y, z) view (Adam's hierarchy).
+
+    Level ``l`` (1-based) halves every level-``l-1`` part along its longest side (ties: x, then y, then z), so
+    level ``l`` has ``2**l`` parts; e.g. 64 x 64 x 32 -> (2, 1, 1), (2, 2, 1), (2, 2, 2).
+
+    Raises:
+        InputError: a part would get a side below ``min_part`` voxels or an odd side would be halved.
+    """
+    grid, part, out = [1, 1, 1], [int(s) for s in size], []
+    for _ in range(int(levels)):
+        axis = max(range(3), key=lambda i: (part[i], -i))
+        if part[axis] % 2 or part[axis] // 2 < min_part:
+            raise InputError(f"cannot split a {tuple(part)} part of a {tuple(size)} view any further (min side {min_part})")
+        part[axis] //= 2
+        grid[axis] *= 2
+        out.append((grid[0], grid[1], grid[2]))
+    return out
+
+
+def grid_key(grid: Sequence[int]) -> str:
+    """Batch key of the parts of ``grid``: ``parts_2x2x1`` (with ``_affine`` and ``_valid`` companions)."""
+    return "parts_" + "x".join(str(int(g)) for g in grid)
 
 
 def augment_intensity(view: torch.Tensor, config: CropConfig, spacing_mm: float, generator: torch.Generator) -> torch.Tensor:
@@ -302,40 +403,61 @@ class TwoViewSampler:
         ``valid1``, ``valid2``: (B, 1, z, y, x) bool, voxel inside the scan;
         ``affine1``, ``affine2``: (B, 4, 4) float64 view index (x, y, z) -> world mm;
         ``scan_to_index``: (B, 4, 4) float64 world mm -> scan index; ``scan_size``: (B, 3) scan size (x, y, z);
-        ``scan_id``: (B,) int64 index into ``scans``.
+        ``scan_id``: (B,) int64 index into ``scans``;
+        and for every grid ``g`` of ``part_grids`` (key ``k = grid_key(g)``, G = gx * gy * gz parts of view 1,
+        ordered as :func:`split_grid` orders them): ``k`` (B, G, 1, z', y', x') float32 intensities, each part
+        augmented on its own, ``k + "_valid"`` (B, G, 1, z', y', x') bool and ``k + "_affine"`` (B, G, 4, 4).
+
+    Without ``part_grids`` and with ``thick_slice_prob`` 0 the random streams are those of the plain SAM sampler.
     """
 
     scans: list[Scan]
     config: CropConfig
     seed: int = 0
     augment: bool = True
+    part_grids: tuple[tuple[int, int, int], ...] = ()
     rng: np.random.Generator = field(init=False)
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.scans:
             raise InputError("no training scans")
+        self.part_grids = tuple(tuple(int(g) for g in grid) for grid in self.part_grids)
         self.rng = np.random.default_rng(self.seed)
         self.generator = torch.Generator().manual_seed(int(self.seed))
+
+    def _draw(self, scan: Scan, geom: ViewGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample (thick slices with ``thick_slice_prob``) and augment one view: values, valid (1, 1, z, y, x)."""
+        thickness, phase = None, 0.0
+        if self.augment and self.config.thick_slice_prob > 0 and self.rng.uniform() < self.config.thick_slice_prob:
+            thickness, phase = float(self.rng.uniform(*self.config.thick_slice_mm)), float(self.rng.uniform())
+        values, valid = sample_view(scan, geom, thickness, phase)
+        if self.augment:
+            values = augment_intensity(values, self.config, self.config.base_spacing_mm * geom.scale, self.generator)
+        return values, valid
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         n = len(self.scans)
         ids = self.rng.choice(n, size=batch_size, replace=batch_size > n)
-        keys = ("view1", "view2", "valid1", "valid2", "affine1", "affine2", "scan_to_index", "scan_size", "scan_id")
-        parts: dict[str, list] = {k: [] for k in keys}
+        parts: dict[str, list] = {}
         for scan_id in ids:
             scan = self.scans[int(scan_id)]
             geoms = sample_view_pair(scan, self.config, self.rng)
             for v, geom in enumerate(geoms, start=1):
-                values, valid = sample_view(scan, geom)
-                if self.augment:
-                    values = augment_intensity(values, self.config, self.config.base_spacing_mm * geom.scale, self.generator)
-                parts[f"view{v}"].append(values)
-                parts[f"valid{v}"].append(valid)
-                parts[f"affine{v}"].append(torch.from_numpy(geom.index_to_world)[None])
-            parts["scan_to_index"].append(torch.from_numpy(scan.world_to_index)[None])
-            parts["scan_size"].append(torch.tensor([scan.size_xyz], dtype=torch.int64))
-            parts["scan_id"].append(torch.tensor([int(scan_id)], dtype=torch.int64))
+                values, valid = self._draw(scan, geom)
+                parts.setdefault(f"view{v}", []).append(values)
+                parts.setdefault(f"valid{v}", []).append(valid)
+                parts.setdefault(f"affine{v}", []).append(torch.from_numpy(geom.index_to_world)[None])
+            parts.setdefault("scan_to_index", []).append(torch.from_numpy(scan.world_to_index)[None])
+            parts.setdefault("scan_size", []).append(torch.tensor([scan.size_xyz], dtype=torch.int64))
+            parts.setdefault("scan_id", []).append(torch.tensor([int(scan_id)], dtype=torch.int64))
+            for grid in self.part_grids:
+                key = grid_key(grid)
+                drawn = [self._draw(scan, sub) for sub in split_grid(geoms[0], grid)]
+                parts.setdefault(key, []).append(torch.cat([d[0] for d in drawn])[None])
+                parts.setdefault(key + "_valid", []).append(torch.cat([d[1] for d in drawn])[None])
+                affines = np.stack([sub.index_to_world for sub in split_grid(geoms[0], grid)])
+                parts.setdefault(key + "_affine", []).append(torch.from_numpy(affines)[None])
         return {k: torch.cat(v) for k, v in parts.items()}
 
     def state_dict(self) -> dict:

@@ -19,12 +19,13 @@ import argparse
 import copy
 import csv
 import glob
+import hashlib
 import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ import yaml
 from regsam.embed.crops import CropConfig, Scan, TwoViewSampler, load_scan
 from regsam.devices import resolve_device
 from regsam.embed.model import SAMEmbedder, save_weights
-from regsam.embed.objectives import OBJECTIVES
+from regsam.embed.objectives import build_objective, objective_config
+from regsam.embed.objectives.base import GroupForward
 from regsam.embed.objectives.sam import SAMLossConfig
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
@@ -90,6 +92,7 @@ def default_config() -> dict:
     return {
         "seed": 0,
         "data": [],
+        "holdout": [],
         "model": dict(DEFAULT_MODEL),
         "crops": crops,
         "objective": objective,
@@ -137,11 +140,10 @@ def load_config(config: str | os.PathLike | dict) -> tuple[dict, list[Path]]:
         bases = [path.resolve().parent, Path.cwd()]
     raw = dict(raw)
     objective = raw.get("objective", {}) or {}
+    if not isinstance(objective, dict):
+        raise InputError("config: 'objective' must be a mapping")
     merged = _merge(default_config(), {k: v for k, v in raw.items() if k != "objective"})
-    name = objective.get("name", "sam")
-    if name not in OBJECTIVES:
-        raise InputError(f"config: unknown objective '{name}' (known: {', '.join(OBJECTIVES)})")
-    merged["objective"] = {**(merged["objective"] if name == "sam" else {"name": name}), **objective}
+    merged["objective"] = objective_config(objective)
     return merged, bases
 
 
@@ -190,6 +192,46 @@ def resolve_data(entries: Sequence[str], bases: Sequence[Path], suffixes: tuple[
     if not out:
         raise InputError("config: 'data' lists no training images")
     return out
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_holdout(data_files: Sequence[str], holdout: Sequence[str], bases: Sequence[Path]) -> None:
+    """Refuse training on held-out scans.
+
+    A training file is refused when it is a ``holdout`` entry (same path, relative entries tried against
+    ``bases`` like ``data`` entries; globs allowed), has the same file name as one, or the same content as an
+    existing held-out file (a renamed copy). Held-out entries that exist nowhere are compared by name only.
+
+    Raises:
+        InputError: naming the training file, the holdout entry and what to do.
+    """
+    held: dict[str, str] = {}  # resolved path or file name -> entry
+    for entry in holdout or []:
+        entry = str(entry)
+        held[Path(entry).name] = entry
+        try:
+            for path in resolve_data([entry], bases):
+                held[path] = held[Path(path).name] = entry
+        except InputError:
+            continue
+    sizes = {os.path.getsize(p): p for p in held if os.path.isfile(p)}
+    digests: dict[str, str] = {}
+    for path in data_files:
+        entry = held.get(path) or held.get(Path(path).name)
+        if entry is None and path != SAMPLE_CT and os.path.getsize(path) in sizes:
+            twin = sizes[os.path.getsize(path)]
+            digests.setdefault(twin, _sha256(twin))
+            entry = held[twin] if _sha256(path) == digests[twin] else None
+        if entry is not None:
+            raise InputError(f"training data includes the held-out scan {path} (holdout entry '{entry}'); "
+                             "remove it from 'data' (held-out scans are for evaluation only)")
 
 
 def load_scans(paths: Sequence[str], crops: CropConfig) -> list[Scan]:
@@ -291,6 +333,7 @@ def _rng_state(sampler: TwoViewSampler, objective) -> dict:
 
 def _save_checkpoint(path: Path, step: int, model, optimizer, rng_states: list, seconds: float, config: dict) -> None:
     net = model.module if hasattr(model, "module") else model
+    net = net.model if isinstance(net, GroupForward) else net
     payload = {
         "step": step,
         "model_config": dict(net.config),
@@ -319,6 +362,159 @@ def _write_log_header(path: Path, columns: list[str], keep_until: int | None) ->
             writer.writerows(rows)
 
 
+@dataclass
+class _Run:
+    """Everything a training run is set up from (see :func:`_prepare`)."""
+
+    cfg: dict
+    bases: list[Path]
+    train: TrainConfig
+    crops: CropConfig
+    data_files: list[str]
+    device: torch.device
+    dist: _Dist
+    out: Path
+    checkpoint: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.csv"
+
+
+def _prepare(config, out_dir, resume: bool, device, max_steps, init_weights) -> _Run:
+    """Read and check the configuration, the data, the device / process group and any checkpoint."""
+    cfg, bases = load_config(config)
+    if max_steps is not None:
+        cfg["train"]["max_steps"] = int(max_steps)
+    if init_weights is not None:
+        cfg["train"]["init_weights"] = str(init_weights)
+    train_cfg = TrainConfig(**cfg["train"])
+    if train_cfg.optimizer not in ("sgd", "adamw"):
+        raise InputError(f"train.optimizer must be 'sgd' or 'adamw', got '{train_cfg.optimizer}'")
+    if train_cfg.lr_schedule not in ("constant", "cosine"):
+        raise InputError(f"train.lr_schedule must be 'constant' or 'cosine', got '{train_cfg.lr_schedule}'")
+    crops = CropConfig.from_dict(cfg["crops"])
+    # cfg keeps the entries as written (no machine-specific paths end up in the outputs)
+    data_files = resolve_data(cfg["data"], bases)
+    check_holdout(data_files, cfg["holdout"], bases)
+
+    dev = resolve_device(device)
+    info = _init_distributed(dev)
+    if info.active and dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(dev)
+    if train_cfg.num_threads:
+        torch.set_num_threads(int(train_cfg.num_threads))
+
+    run = _Run(cfg, bases, train_cfg, crops, data_files, dev, info, Path(out_dir))
+    if run.ckpt_path.is_file():
+        if not resume:
+            raise InputError(f"{run.out} already holds a checkpoint; pass resume=True (--resume) or choose another folder")
+        run.checkpoint = torch.load(run.ckpt_path, map_location="cpu", weights_only=False)
+    return run
+
+
+def _build(run: _Run):
+    """Model, objective, sampler and optimizer, restored from the checkpoint when there is one.
+
+    Returns ``(model, objective, sampler, optimizer, params, start_step, seconds)``.
+    """
+    seed, rank, info = int(run.cfg["seed"]), run.dist.rank, run.dist
+    torch.manual_seed(seed + 1000 * rank)
+    model = SAMEmbedder(**run.cfg["model"]).to(run.device)
+    objective = build_objective(run.cfg["objective"], seed + 7919 + 1000 * rank)
+    grids = objective.part_grids(tuple(run.crops.size)) if hasattr(objective, "part_grids") else []
+    scans = load_scans(run.data_files, run.crops)
+    sampler = TwoViewSampler(scans, run.crops, seed=seed + 104729 + 1000 * rank, part_grids=tuple(grids))
+
+    if run.train.init_weights and run.checkpoint is None:
+        _load_init_weights(model, resolve_data([run.train.init_weights], run.bases, suffixes=(".pt",))[0])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, run.train)
+
+    start, seconds = 0, 0.0
+    checkpoint = run.checkpoint
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start, seconds = int(checkpoint["step"]), float(checkpoint["seconds"])
+        states = checkpoint["rng"]
+        if len(states) == info.world:
+            mine = states[rank]
+            sampler.load_state_dict(mine["sampler"])
+            objective.load_state_dict(mine["objective"])
+            torch.set_rng_state(mine["torch"])
+        else:  # a different world size cannot replay the same streams; continue with fresh, step-dependent seeds
+            sampler = TwoViewSampler(scans, run.crops, seed=seed + 104729 + 1000 * rank + start, part_grids=tuple(grids))
+            objective.reseed(seed + 7919 + 1000 * rank + start)
+            torch.manual_seed(seed + 1000 * rank + start)
+    return model, objective, sampler, optimizer, params, start, seconds
+
+
+def _wrap(model: torch.nn.Module, run: _Run) -> torch.nn.Module:
+    """The module the objective calls: the model, or DDP around a :class:`GroupForward` of it (one DDP forward
+    per step however many input groups the objective embeds)."""
+    if not run.dist.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(GroupForward(model), device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def _objective_label(run: _Run) -> str:
+    name = run.cfg["objective"]["name"]
+    return "+".join(name) if isinstance(name, list) else str(name)
+
+
+def _log_row(done: int, result: dict, lr: float, seconds: float, components: Sequence[str]) -> list[str]:
+    row = [str(done), f"{float(result['loss'].detach()):.6f}"]
+    row += [f"{float(result[c]):.6f}" for c in components[:2]]
+    row += [f"{lr:.6g}", f"{seconds:.2f}"]
+    row += [f"{float(result[c]):.6f}" for c in components[2:]]
+    return row
+
+
+def _loop(run: _Run, model, net, objective, sampler, optimizer, params, start: int, seconds: float) -> float:
+    """Steps ``start`` .. ``max_steps``: log every step (rank 0), checkpoint every ``checkpoint_every``.
+    Returns the seconds spent in training steps (over all sessions)."""
+    info, train_cfg = run.dist, run.train
+    bar = None
+    if run.extra.get("progress") and info.rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=train_cfg.max_steps, initial=start, desc=_objective_label(run), unit="step", mininterval=5.0, dynamic_ncols=True)
+    model.train()
+    log_fh = open(run.log_path, "a", newline="") if info.rank == 0 else None
+    try:
+        writer = csv.writer(log_fh) if log_fh else None
+        for step in range(start, train_cfg.max_steps):
+            t0 = time.perf_counter()
+            result, lr = train_step(net, objective, sampler, optimizer, params, step, train_cfg)
+            seconds += time.perf_counter() - t0
+            done = step + 1
+            if writer is not None:
+                writer.writerow(_log_row(done, result, lr, seconds, objective.components))
+                log_fh.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(result['loss'].detach()):.3f}", refresh=False)
+            if done % train_cfg.checkpoint_every == 0 or done == train_cfg.max_steps:
+                states = _gather(_rng_state(sampler, objective), info)
+                if info.rank == 0:
+                    _save_checkpoint(run.ckpt_path, done, net, optimizer, states, seconds, run.cfg)
+    finally:
+        if log_fh:
+            log_fh.close()
+        if bar is not None:
+            bar.close()
+    return seconds
+
+
 def train_embedder(
     config: str | os.PathLike | dict,
     out_dir: str | os.PathLike,
@@ -343,124 +539,32 @@ def train_embedder(
             ignored on ``resume`` from a checkpoint, which holds its own state).
 
     Raises:
-        InputError: bad config or data, or ``out_dir`` already holds a checkpoint and ``resume`` is False.
+        InputError: bad config or data (held-out scans included), or ``out_dir`` already holds a checkpoint and
+            ``resume`` is False.
     """
-    cfg, bases = load_config(config)
-    if max_steps is not None:
-        cfg["train"]["max_steps"] = int(max_steps)
-    if init_weights is not None:
-        cfg["train"]["init_weights"] = str(init_weights)
-    train_cfg = TrainConfig(**cfg["train"])
-    if train_cfg.optimizer not in ("sgd", "adamw"):
-        raise InputError(f"train.optimizer must be 'sgd' or 'adamw', got '{train_cfg.optimizer}'")
-    if train_cfg.lr_schedule not in ("constant", "cosine"):
-        raise InputError(f"train.lr_schedule must be 'constant' or 'cosine', got '{train_cfg.lr_schedule}'")
-    crops = CropConfig.from_dict(cfg["crops"])
-    # cfg keeps the entries as written (no machine-specific paths end up in the outputs)
-    data_files = resolve_data(cfg["data"], bases)
-
-    dev = resolve_device(device)
-    info = _init_distributed(dev)
-    if info.active and dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(dev)
-    if train_cfg.num_threads:
-        torch.set_num_threads(int(train_cfg.num_threads))
-
-    out = Path(out_dir)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "log.csv"
-    checkpoint = None
-    if ckpt_path.is_file():
-        if not resume:
-            raise InputError(f"{out} already holds a checkpoint; pass resume=True (--resume) or choose another folder")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-
-    seed = int(cfg["seed"])
-    torch.manual_seed(seed + 1000 * info.rank)
-    model = SAMEmbedder(**cfg["model"]).to(dev)
-    objective = OBJECTIVES[cfg["objective"]["name"]](**{**cfg["objective"], "seed": seed + 7919 + 1000 * info.rank})
-    scans = load_scans(data_files, crops)
-    sampler = TwoViewSampler(scans, crops, seed=seed + 104729 + 1000 * info.rank)
-
-    if train_cfg.init_weights and checkpoint is None:
-        _load_init_weights(model, resolve_data([train_cfg.init_weights], bases, suffixes=(".pt",))[0])
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, train_cfg)
-
-    start, seconds = 0, 0.0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start, seconds = int(checkpoint["step"]), float(checkpoint["seconds"])
-        states = checkpoint["rng"]
-        if len(states) == info.world:
-            mine = states[info.rank]
-            sampler.load_state_dict(mine["sampler"])
-            objective.load_state_dict(mine["objective"])
-            torch.set_rng_state(mine["torch"])
-        else:  # a different world size cannot replay the same streams; continue with fresh, step-dependent seeds
-            sampler = TwoViewSampler(scans, crops, seed=seed + 104729 + 1000 * info.rank + start)
-            objective.reseed(seed + 7919 + 1000 * info.rank + start)
-            torch.manual_seed(seed + 1000 * info.rank + start)
-
-    net = model
-    if info.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    run = _prepare(config, out_dir, resume, device, max_steps, init_weights)
+    run.extra["progress"] = progress
+    model, objective, sampler, optimizer, params, start, seconds = _build(run)
+    net = _wrap(model, run)
 
     columns = ["step", "loss", *objective.components[:2], "lr", "seconds", *objective.components[2:]]
-    if info.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        _write_log_header(log_path, columns, keep_until=start if checkpoint is not None else None)
+    if run.dist.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run.out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(run.cfg, sort_keys=False))
+        _write_log_header(run.log_path, columns, keep_until=start if run.checkpoint is not None else None)
 
-    bar = None
-    if progress and info.rank == 0:
-        from tqdm import tqdm
+    seconds = _loop(run, model, net, objective, sampler, optimizer, params, start, seconds)
+    weights = run.out / "weights.pt"
+    if run.dist.rank == 0:
+        model.eval()
+        extra = {"steps": run.train.max_steps, "train_seconds": seconds, "data_files": [Path(f).name for f in run.data_files]}
+        save_weights(model, weights, run.cfg, extra=extra)
+    if run.dist.active:
+        import torch.distributed as dist
 
-        bar = tqdm(total=train_cfg.max_steps, initial=start, desc="sam", unit="step", mininterval=5.0, dynamic_ncols=True)
-
-    model.train()
-    log_fh = open(log_path, "a", newline="") if info.rank == 0 else None
-    try:
-        writer = csv.writer(log_fh) if log_fh else None
-        for step in range(start, train_cfg.max_steps):
-            t0 = time.perf_counter()
-            result, lr = train_step(net, objective, sampler, optimizer, params, step, train_cfg)
-            seconds += time.perf_counter() - t0
-            done = step + 1
-            if writer is not None:
-                row = [done, f"{float(result['loss'].detach()):.6f}"]
-                row += [f"{float(result[c]):.6f}" for c in objective.components[:2]]
-                row += [f"{lr:.6g}", f"{seconds:.2f}"]
-                row += [f"{float(result[c]):.6f}" for c in objective.components[2:]]
-                writer.writerow(row)
-                log_fh.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(result['loss'].detach()):.3f}", refresh=False)
-            if done % train_cfg.checkpoint_every == 0 or done == train_cfg.max_steps:
-                states = _gather(_rng_state(sampler, objective), info)
-                if info.rank == 0:
-                    _save_checkpoint(ckpt_path, done, net, optimizer, states, seconds, cfg)
-        weights = out / "weights.pt"
-        if info.rank == 0:
-            model.eval()
-            extra = {"steps": train_cfg.max_steps, "train_seconds": seconds, "data_files": [Path(f).name for f in data_files]}
-            save_weights(model, weights, cfg, extra=extra)
-        if info.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return weights
-    finally:
-        if log_fh:
-            log_fh.close()
-        if bar is not None:
-            bar.close()
+        dist.barrier()
+    return weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from regsam.embed.crops import apply_affine, normalized_grid, scale_affine, voxel_centres
+from regsam.embed.objectives.base import VIEWS, embed_groups, views_group
 from regsam.errors import InputError
 
 
@@ -191,24 +192,30 @@ class SAMObjective:
         return self._info_nce(q, k, neg, neg_ok, cfg.temperature)
 
     # ------------------------------------------------------------ entry point
+    def part_grids(self, view_size) -> list[tuple[int, int, int]]:
+        """SAM needs no parts (see :class:`~regsam.embed.crops.TwoViewSampler`)."""
+        return []
+
+    def input_groups(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``views``: (2B, 1, z, y, x), view 1 of every pair then view 2."""
+        return {VIEWS: views_group(batch)}
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
         """Compute the loss for a batch of view pairs (see :class:`~regsam.embed.crops.TwoViewSampler`).
 
         Returns:
             ``loss`` (scalar tensor with gradient), and floats ``fine``, ``coarse``, ``fine_acc``, ``coarse_acc``.
         """
+        return self.compute(embed_groups(model, self.input_groups(batch)), batch)
+
+    def _pair_levels(self, fine: torch.Tensor, coarse: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[dict]:
+        """Per pair ``{1: (fine level, coarse level), 2: (...)}`` from the (2B, C, ...) view embeddings."""
         cfg = self.config
-        device = next(model.parameters()).device
-        view1, view2 = batch["view1"].to(device), batch["view2"].to(device)
-        n_pairs = view1.shape[0]
-        out = model(torch.cat([view1, view2], dim=0))
-        fine, coarse = out["fine"], out["coarse"]
+        n_pairs = fine.shape[0] // 2
         aff = {1: batch["affine1"].cpu().numpy(), 2: batch["affine2"].cpu().numpy()}
         to_index = batch["scan_to_index"].cpu().numpy()
         sizes = batch["scan_size"].cpu().numpy()
-        scan_ids = batch["scan_id"].cpu()
-
-        levels = []  # per pair: {view: (fine_level, coarse_level)}
+        levels = []
         for b in range(n_pairs):
             per = {}
             for v, offset in ((1, 0), (2, n_pairs)):
@@ -217,45 +224,58 @@ class SAMObjective:
                     self._level(coarse[offset + b], aff[v][b], cfg.coarse_factor, to_index[b], sizes[b]),
                 )
             levels.append(per)
+        return levels
 
+    def _pair_fine(self, f1: _Level, c1: _Level, f2: _Level, c2: _Level) -> list:
+        """Both fine directions of one pair (results of :meth:`_fine_direction`, ``None`` dropped)."""
+        cfg = self.config
+        with torch.no_grad():
+            # coarse embedding at every fine voxel (for the combined hard-negative score); level j -> j * f/c
+            ratio = cfg.fine_factor / cfg.coarse_factor
+            coarse_at_fine = []
+            for fl, cl in ((f1, c1), (f2, c2)):
+                idx = voxel_centres(fl.size, device=fl.feats.device).reshape(-1, 3) * ratio
+                coarse_at_fine.append(self._interpolate(cl, idx).t())  # (C, N)
+        cand_feats = torch.cat([f1.feats, f2.feats], dim=1).t()  # (N1 + N2, C)
+        cand_coarse = torch.cat(coarse_at_fine, dim=1)
+        cand_world = torch.cat([f1.world, f2.world])
+        cand_valid = torch.cat([f1.valid, f2.valid])
+        out = [
+            self._fine_direction(f1, f2, coarse_at_fine[0], cand_feats, cand_coarse, cand_world, cand_valid),
+            self._fine_direction(f2, f1, coarse_at_fine[1], cand_feats, cand_coarse, cand_world, cand_valid),
+        ]
+        return [r for r in out if r is not None]
+
+    def _pair_coarse(self, levels: list[dict], b: int, scan_ids: torch.Tensor) -> list:
+        """Both coarse directions of pair ``b``, with cross-scan negatives from the other pairs."""
+        c1, c2 = levels[b][1][1], levels[b][2][1]
+        ccand = torch.cat([c1.feats, c2.feats], dim=1).t()
+        cworld = torch.cat([c1.world, c2.world])
+        cvalid = torch.cat([c1.valid, c2.valid])
+        others = [
+            torch.cat([levels[o][v][1].feats[:, levels[o][v][1].valid] for v in (1, 2)], dim=1).t()
+            for o in range(len(levels))
+            if o != b and int(scan_ids[o]) != int(scan_ids[b])
+        ]
+        global_feats = torch.cat(others) if others else None
+        out = [
+            self._coarse_direction(c1, c2, ccand, cworld, cvalid, global_feats),
+            self._coarse_direction(c2, c1, ccand, cworld, cvalid, global_feats),
+        ]
+        return [r for r in out if r is not None]
+
+    def compute(self, outputs: dict[str, dict[str, torch.Tensor]], batch: dict[str, torch.Tensor]) -> dict:
+        """The loss from the embedded ``views`` group (see :meth:`__call__`)."""
+        fine, coarse = outputs[VIEWS]["fine"], outputs[VIEWS]["coarse"]
+        levels = self._pair_levels(fine, coarse, batch)
+        scan_ids = batch["scan_id"].cpu()
         fine_losses, coarse_losses, fine_wins, coarse_wins = [], [], [], []
-        for b in range(n_pairs):
-            f1, c1 = levels[b][1]
-            f2, c2 = levels[b][2]
-            with torch.no_grad():
-                # coarse embedding at every fine voxel (for the combined hard-negative score); level j -> j * f/c
-                ratio = cfg.fine_factor / cfg.coarse_factor
-                coarse_at_fine = []
-                for fl, cl in ((f1, c1), (f2, c2)):
-                    idx = voxel_centres(fl.size, device=device).reshape(-1, 3) * ratio
-                    coarse_at_fine.append(self._interpolate(cl, idx).t())  # (C, N)
-            cand_feats = torch.cat([f1.feats, f2.feats], dim=1).t()  # (N1 + N2, C)
-            cand_coarse = torch.cat(coarse_at_fine, dim=1)
-            cand_world = torch.cat([f1.world, f2.world])
-            cand_valid = torch.cat([f1.valid, f2.valid])
-            pair_fine = [
-                self._fine_direction(f1, f2, coarse_at_fine[0], cand_feats, cand_coarse, cand_world, cand_valid),
-                self._fine_direction(f2, f1, coarse_at_fine[1], cand_feats, cand_coarse, cand_world, cand_valid),
-            ]
-            pair_fine = [r for r in pair_fine if r is not None]
+        for b in range(len(levels)):
+            pair_fine = self._pair_fine(*levels[b][1], *levels[b][2])
             if pair_fine:
                 fine_losses.append(torch.cat([r[0] for r in pair_fine]).mean())
                 fine_wins.append(torch.cat([r[1] for r in pair_fine]).float().mean())
-
-            ccand = torch.cat([c1.feats, c2.feats], dim=1).t()
-            cworld = torch.cat([c1.world, c2.world])
-            cvalid = torch.cat([c1.valid, c2.valid])
-            others = [
-                torch.cat([levels[o][v][1].feats[:, levels[o][v][1].valid] for v in (1, 2)], dim=1).t()
-                for o in range(n_pairs)
-                if o != b and int(scan_ids[o]) != int(scan_ids[b])
-            ]
-            global_feats = torch.cat(others) if others else None
-            pair_coarse = [
-                self._coarse_direction(c1, c2, ccand, cworld, cvalid, global_feats),
-                self._coarse_direction(c2, c1, ccand, cworld, cvalid, global_feats),
-            ]
-            pair_coarse = [r for r in pair_coarse if r is not None]
+            pair_coarse = self._pair_coarse(levels, b, scan_ids)
             if pair_coarse:
                 coarse_losses.append(torch.cat([r[0] for r in pair_coarse]).mean())
                 coarse_wins.append(torch.cat([r[1] for r in pair_coarse]).float().mean())
