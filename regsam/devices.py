@@ -24,7 +24,7 @@ def resolve_device(device: DeviceLike = None) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"device must be 'cpu' or 'cuda', got '{device}'")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device '{device}' requested but CUDA is not available; use device='cpu'")
+        raise InputError(f"device '{device}' requested but CUDA is not available on this machine (use --device cpu)")
     return dev
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from regsam.bench.runner import parse_methods, run_benchmark
 from regsam.data.fetch import fetch_sample_ct
+from regsam.data.simulate import SimulationConfig, simulate_case_from_file
 
 DEMO_SPACING_MM = 2.5
 DEMO_AMPLITUDE_MM = 15.0
@@ -23,8 +24,6 @@ DEMO_METHODS = "elastix:lung,sam"
 
 def run_demo(out: Path, methods: str = DEMO_METHODS, seed: int = 0) -> Path:
     """Run the demo into ``out``; returns ``out/report.html``."""
-    from regsam.data.simulate import SimulationConfig, simulate_case_from_file
-
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 

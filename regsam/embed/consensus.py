@@ -31,9 +31,10 @@ import SimpleITK as sitk
 from regsam.data.masks import body_mask
 from regsam.embed.correspondences import MatchSettings, fit_correspondence_affine, match_correspondences
 from regsam.embed.inference import Embedding
-from regsam.embed.matching import MatchResult, _as_points, similarity_at
+from regsam.embed.matching import MatchResult, similarity_at
 from regsam.errors import InputError
 from regsam.fit.smooth import SmoothFit, fit_smooth_residual
+from regsam.io.landmarks import as_points
 
 #: grid spacing (mm) of the template points whose matches build the consensus map
 DEFAULT_ANCHOR_SPACING_MM = 16.0
@@ -143,7 +144,7 @@ class ConsensusMatcher:
     def __call__(self, points_mm: np.ndarray) -> MatchResult:
         """(N, 3) template points (mm) -> :class:`MatchResult`; ``valid`` is False for matches outside the target
         and, with a cycle tolerance, for round trips that do not return within it."""
-        points = _as_points(points_mm, "points_mm")
+        points = as_points(points_mm, "points_mm")
         if self.forward is None:
             self.forward = fit_consensus_map(self.template, self.template_emb, self.target_emb, device=self.device, **self.options)
         matched = self.forward.map_points(points)

@@ -28,6 +28,7 @@ from regsam.embed.crops import image_affine, normalized_grid
 from regsam.embed.inference import Embedding
 from regsam.devices import resolve_device
 from regsam.errors import InputError
+from regsam.io.landmarks import as_points
 
 #: default half-width (mm) of the fine search cube around the coarse maximum
 DEFAULT_FINE_RADIUS_MM = 16.0
@@ -53,18 +54,6 @@ class MatchResult:
     score: np.ndarray
     valid: np.ndarray
     cycle_error_mm: np.ndarray | None = None
-
-
-def _as_points(points: np.ndarray, name: str) -> np.ndarray:
-    try:
-        arr = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"{name}: not numeric") from None
-    if arr.ndim != 2 or arr.shape[1] != 3:
-        raise InputError(f"{name}: expected an (N, 3) array of x,y,z mm, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise InputError(f"{name}: contains NaN or infinite coordinates")
-    return arr
 
 
 class _Level:
@@ -282,7 +271,7 @@ def match_points(
     Raises:
         InputError: points not an (N, 3) finite array, or any point outside the template image.
     """
-    points = _as_points(points_mm, "points_mm")
+    points = as_points(points_mm, "points_mm")
     if len(points) == 0:
         empty = np.zeros((0, 3))
         return MatchResult(empty, np.zeros(0, np.float32), np.zeros(0, bool), None if cycle_tolerance_mm is None else np.zeros(0))
@@ -327,8 +316,8 @@ def similarity_at(
 
     Both point sets are (N, 3) world mm; embeddings are read trilinearly (points outside a grid are clamped to it).
     """
-    points = _as_points(points_mm, "points_mm")
-    targets = _as_points(target_points_mm, "target_points_mm")
+    points = as_points(points_mm, "points_mm")
+    targets = as_points(target_points_mm, "target_points_mm")
     if len(points) != len(targets):
         raise InputError(f"{len(points)} template points but {len(targets)} target points")
     dev = resolve_device(device)

@@ -44,10 +44,13 @@ _DIRLAB_NAME = re.compile(r"_xyz(_r\d+)?\.txt$", re.IGNORECASE)
 
 
 def as_points(points: np.ndarray, name: str = "points") -> np.ndarray:
-    """Return ``points`` as a float64 (N, 3) array; :class:`InputError` naming ``name`` if not finite (N, 3)."""
-    arr = np.asarray(points, dtype=np.float64)
+    """Return ``points`` as a float64 (N, 3) array; :class:`InputError` naming ``name`` if not finite numeric (N, 3)."""
+    try:
+        arr = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: not numeric") from None
     if arr.ndim != 2 or arr.shape[1] != 3:
-        raise InputError(f"{name}: expected an (N, 3) array of x,y,z, got shape {arr.shape}")
+        raise InputError(f"{name}: expected an (N, 3) array of x,y,z mm, got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise InputError(f"{name}: contains NaN or infinite coordinates")
     return arr
