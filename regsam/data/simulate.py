@@ -75,6 +75,7 @@ from scipy import ndimage
 from regsam.data.case import Case, write_case
 from regsam.data.masks import FOV_PADDING_HU, chest_masks
 from regsam.errors import InputError
+from regsam.io.geometry import direction_matrix, empty_like_grid, index_to_world, voxel_world_points
 from regsam.io.images import AIR_HU, check_volume, read_image, standardize
 from regsam.io.landmarks import read_dirlab_xyz
 
@@ -184,23 +185,15 @@ def _validate(config: SimulationConfig) -> SimulationConfig:
 # ----------------------------------------------------------------------------- grids
 def _coarse_grid(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """A grid of ``spacing_mm`` in the image's axes covering the image plus one voxel each side."""
-    direction = np.array(image.GetDirection()).reshape(3, 3)
     extent = (np.array(image.GetSize()) - 1) * np.array(image.GetSpacing())
     size = np.ceil(extent / spacing_mm).astype(int) + 3
-    origin = np.array(image.GetOrigin()) - direction @ np.full(3, spacing_mm)
-    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
-    grid.SetSpacing((spacing_mm,) * 3)
-    grid.SetOrigin(origin.tolist())
-    grid.SetDirection(image.GetDirection())
-    return grid
+    origin = np.array(image.GetOrigin()) - direction_matrix(image) @ np.full(3, spacing_mm)
+    return empty_like_grid(size, origin, (spacing_mm,) * 3, image.GetDirection())
 
 
 def _world_points(grid: sitk.Image) -> np.ndarray:
     """World coordinates of every voxel, array shape (nz, ny, nx, 3) in x, y, z order."""
-    nx, ny, nz = grid.GetSize()
-    idx = np.stack(np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")[::-1], axis=-1)
-    direction = np.array(grid.GetDirection()).reshape(3, 3)
-    return np.array(grid.GetOrigin()) + (idx * np.array(grid.GetSpacing())) @ direction.T
+    return voxel_world_points(grid)
 
 
 def _vector_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -215,7 +208,7 @@ def _upsample_linear(coarse: np.ndarray, grid: sitk.Image, target: sitk.Image) -
     Both grids share their direction, so trilinear interpolation separates into three 1D passes
     (what ``sitk.Resample`` with ``sitkLinear`` computes, several times faster).
     """
-    direction = np.array(grid.GetDirection()).reshape(3, 3)
+    direction = direction_matrix(grid)
     offset = direction.T @ (np.array(target.GetOrigin()) - np.array(grid.GetOrigin()))
     out = coarse
     for k, axis in ((2, 0), (1, 1), (0, 2)):  # (x, y, z) index k -> array axis
@@ -415,8 +408,7 @@ class _PointSampler:
         if len(idx) > 50000:
             keep = rng.choice(len(idx), 50000, replace=False)
             idx, values = idx[keep], values[keep]
-        direction = np.array(self.image.GetDirection()).reshape(3, 3)
-        world = np.array(self.image.GetOrigin()) + (idx[:, ::-1] * np.array(self.image.GetSpacing())) @ direction.T
+        world = index_to_world(self.image, idx[:, ::-1])
         fixed_pts = _pick_spread(world, values, n, min_dist, rng)
         moving_pts = np.array([self.transform.TransformPoint(p.tolist()) for p in fixed_pts]).reshape(-1, 3)
         # keep pairs whose moving point lies inside the moving image

@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.io.geometry import world_to_index
 from regsam.io.images import check_volume, read_image
 from regsam.io.landmarks import as_points, read_points
 
@@ -86,12 +87,7 @@ def check_points_inside(image: sitk.Image, points_mm: np.ndarray, name: str = "t
     """Raise :class:`InputError` if any point lies outside ``image`` (more than half a voxel beyond its outer voxel centres)."""
     if len(points_mm) == 0:
         return
-    affine = np.eye(4)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    affine[:3, :3] = direction @ np.diag(image.GetSpacing())
-    affine[:3, 3] = image.GetOrigin()
-    inv = np.linalg.inv(affine)
-    index = points_mm @ inv[:3, :3].T + inv[:3, 3]
+    index = world_to_index(image, points_mm)
     size = np.array(image.GetSize(), dtype=np.float64)
     outside = ~((index >= -0.5) & (index <= size - 0.5)).all(axis=1)
     if outside.any():

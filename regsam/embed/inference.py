@@ -21,9 +21,10 @@ import torch
 from regsam.embed.crops import apply_affine, image_affine
 from regsam.devices import resolve_device
 from regsam.embed.model import SAMEmbedder, level_geometry
-from regsam.embed.preprocess import HU_WINDOW, preprocess, reference_image, valid_size
+from regsam.embed.preprocess import HU_WINDOW, preprocess, valid_size
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.io.geometry import empty_like_grid
 
 #: default window (voxels at the network spacing, z/y/x alike); 192^3 at 2 mm = 384 mm, a whole chest
 DEFAULT_WINDOW = 192
@@ -158,9 +159,9 @@ def embed_image(
                     target[dst] = level[src].cpu().numpy()
                 del out
     origin, spacing_xyz, direction = geometry.GetOrigin(), geometry.GetSpacing(), geometry.GetDirection()
-    fine_geo = reference_image([s // ff for s in geometry.GetSize()], *level_geometry(origin, spacing_xyz, direction, ff))
-    coarse_geo = reference_image([s // cf for s in geometry.GetSize()], *level_geometry(origin, spacing_xyz, direction, cf))
-    image_geo = reference_image(valid_size(geometry), origin, spacing_xyz, direction)
+    fine_geo = empty_like_grid([s // ff for s in geometry.GetSize()], *level_geometry(origin, spacing_xyz, direction, ff))
+    coarse_geo = empty_like_grid([s // cf for s in geometry.GetSize()], *level_geometry(origin, spacing_xyz, direction, cf))
+    image_geo = empty_like_grid(valid_size(geometry), origin, spacing_xyz, direction)
     return Embedding(fine.transpose(3, 0, 1, 2), coarse.transpose(3, 0, 1, 2), fine_geo, coarse_geo, image_geo, spacing)
 
 
@@ -212,7 +213,7 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
         raise InputError(f"{path}: not a regsam embedding (missing {sorted(missing)})")
 
     def geometry(prefix: str) -> sitk.Image:
-        return reference_image(data[f"{prefix}_size"].tolist(), data[f"{prefix}_origin"], data[f"{prefix}_spacing"], data[f"{prefix}_direction"])
+        return empty_like_grid(data[f"{prefix}_size"].tolist(), data[f"{prefix}_origin"], data[f"{prefix}_spacing"], data[f"{prefix}_direction"])
 
     return Embedding(
         fine=data["fine_dhwc"].transpose(3, 0, 1, 2),

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from regsam.errors import InputError
+from regsam.io.geometry import empty_like_grid
 from regsam.io.images import check_volume, standardize
 
 #: HU window mapped to [-1, 1]; -1024 HU (air) -> -1, +1024 HU -> +1 (bone and contrast saturate)
@@ -32,15 +33,6 @@ def normalize_hu(values: np.ndarray | torch.Tensor, window: Sequence[float] = HU
     if isinstance(values, torch.Tensor):
         return (values.float().clamp(lo, hi) - centre) / half
     return ((np.clip(values.astype(np.float32, copy=False), lo, hi) - centre) / half).astype(np.float32, copy=False)
-
-
-def reference_image(size: Sequence[int], origin: Sequence[float], spacing: Sequence[float], direction: Sequence[float]) -> sitk.Image:
-    """A uint8 image that only carries a grid: ``size`` (x, y, z) voxels, origin/spacing in mm, direction (LPS)."""
-    ref = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
-    ref.SetOrigin([float(o) for o in origin])
-    ref.SetSpacing([float(s) for s in spacing])
-    ref.SetDirection([float(d) for d in direction])
-    return ref
 
 
 def resample_standard(image: sitk.Image, spacing_mm: float = DEFAULT_SPACING_MM, name: str = "image") -> sitk.Image:
@@ -92,7 +84,7 @@ def preprocess(
     padded_shape = [int(-(-s // stride) * stride) for s in array.shape]
     tensor = torch.full([1, 1, *padded_shape], -1.0, dtype=torch.float32)
     tensor[0, 0, : array.shape[0], : array.shape[1], : array.shape[2]] = torch.from_numpy(np.ascontiguousarray(array))
-    geometry = reference_image(padded_shape[::-1], resampled.GetOrigin(), resampled.GetSpacing(), resampled.GetDirection())
+    geometry = empty_like_grid(padded_shape[::-1], resampled.GetOrigin(), resampled.GetSpacing(), resampled.GetDirection())
     geometry.SetMetaData(VALID_SIZE_KEY, " ".join(str(int(s)) for s in size))
     return tensor, geometry
 

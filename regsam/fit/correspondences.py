@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from regsam.io.geometry import index_to_world
+
 
 @dataclass
 class Correspondences:
@@ -31,6 +33,4 @@ def grid_points_in_mask(mask: sitk.Image, spacing_mm: float) -> np.ndarray:
     step = [max(1, int(round(spacing_mm / s))) for s in reversed(mask.GetSpacing())]  # z, y, x
     sub = array[:: step[0], :: step[1], :: step[2]]
     zyx = np.argwhere(sub > 0) * np.array(step)
-    index = zyx[:, ::-1].astype(np.float64)
-    direction = np.array(mask.GetDirection()).reshape(3, 3)
-    return np.asarray(mask.GetOrigin()) + (index * np.asarray(mask.GetSpacing())) @ direction.T
+    return index_to_world(mask, zyx[:, ::-1].astype(np.float64))

@@ -33,6 +33,7 @@ from scipy.spatial import cKDTree
 
 from regsam.errors import InputError
 from regsam.fit.affine import check_correspondences
+from regsam.io.geometry import direction_matrix, grid_of
 from regsam.io.transforms import transform_to_field
 
 #: minimum number of correspondences (with positive weight) inside the reference grid
@@ -90,8 +91,7 @@ def _extent(reference: sitk.Image) -> np.ndarray:
 
 def _local_mm(reference: sitk.Image, points: np.ndarray) -> np.ndarray:
     """World points -> mm along the grid's index axes x, y, z, measured from voxel 0."""
-    direction = np.array(reference.GetDirection(), dtype=np.float64).reshape(3, 3)
-    return (points - np.array(reference.GetOrigin())) @ direction  # D^T (p - o): D orthonormal
+    return (points - np.array(reference.GetOrigin())) @ direction_matrix(reference)  # D^T (p - o): D orthonormal
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
@@ -297,7 +297,7 @@ def fit_smooth_residual(
     kx, ky, kz = (int(v) for v in k_xyz)
     return SmoothFit(
         coefficients=coef.reshape(3, kz, ky, kx),
-        reference=_geometry_only(reference),
+        reference=grid_of(reference),
         control_spacing_mm=g,
         weights=weights_out,
         residuals_mm=residuals,
@@ -315,12 +315,6 @@ def fit_smooth_residual(
     )
 
 
-def _geometry_only(reference: sitk.Image) -> sitk.Image:
-    ref = sitk.Image([int(s) for s in reference.GetSize()], sitk.sitkUInt8)
-    ref.CopyInformation(reference)
-    return ref
-
-
 def linear_displacement(transform: sitk.Transform, reference: sitk.Image, slab_voxels: int = 2_000_000) -> np.ndarray:
     """``T(x) - x`` (D, H, W, 3 world mm) of a linear transform on every voxel of ``reference``, computed in slabs."""
     origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
@@ -328,7 +322,7 @@ def linear_displacement(transform: sitk.Transform, reference: sitk.Image, slab_v
         [np.array(transform.TransformPoint(tuple(np.eye(3)[a]))) - origin for a in range(3)], axis=1
     )  # columns: images of the unit vectors
     n = np.array(reference.GetSize())
-    step = np.array(reference.GetDirection()).reshape(3, 3) * np.array(reference.GetSpacing())[None, :]
+    step = direction_matrix(reference) * np.array(reference.GetSpacing())[None, :]
     out = np.empty(tuple(n[::-1]) + (3,), dtype=np.float64)
     jj, ii = np.meshgrid(np.arange(n[1]), np.arange(n[0]), indexing="ij")
     plane = np.stack([ii, jj, np.zeros_like(ii)], axis=-1).astype(np.float64) @ step.T + np.array(reference.GetOrigin())

@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from regsam.errors import InputError
+from regsam.io.geometry import grid_of
 from regsam.io.images import AIR_HU, read_image, write_image
 from regsam.io.landmarks import read_points, write_points
 from regsam.io.transforms import map_points, read_affine, read_displacement_field, warp_image
@@ -41,9 +42,7 @@ def _reference_grid(transform: sitk.Image | sitk.Transform, reference: str | os.
     if reference is not None:
         return read_image(reference, name=f"reference image {reference}")
     if isinstance(transform, sitk.Image):
-        grid = sitk.Image([int(s) for s in transform.GetSize()], sitk.sitkUInt8)
-        grid.CopyInformation(transform)
-        return grid
+        return grid_of(transform)
     raise InputError("a linear transform carries no grid: give --reference (the fixed image)")
 
 

@@ -54,6 +54,7 @@ import torch
 
 from regsam.devices import resolve_device
 from regsam.errors import InputError
+from regsam.io.geometry import antialias
 from regsam.io.images import AIR_HU
 from regsam.io.transforms import jacobian_determinant, warp_image
 from regsam.register import torch_fields as tf
@@ -143,14 +144,6 @@ def _config(preset: str | None, options: dict) -> dict:
     return cfg
 
 
-def _antialiased(image: sitk.Image, spacing: np.ndarray) -> sitk.Image:
-    own = np.array(image.GetSpacing())
-    sigma = 0.5 * np.sqrt(np.maximum(spacing**2 - own**2, 0.0))
-    if np.all(sigma < 0.3 * own):
-        return image
-    return sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
-
-
 def _pad_to(arr: np.ndarray, multiple: int, mode: str = "edge") -> np.ndarray:
     pad = [(0, (-s) % multiple) for s in arr.shape]
     return np.pad(arr, pad, mode=mode) if any(p for _, p in pad) else arr
@@ -210,8 +203,8 @@ def register_convexadam(
     else:
         work = tf.corner_aligned_grid(fixed, float(cfg["spacing_mm"]))
     spacing = np.array(work.GetSpacing())
-    fixed_w = sitk.Resample(_antialiased(fixed_f, spacing), work, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
-    moving_w = sitk.Resample(_antialiased(moving_f, spacing), work, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    fixed_w = sitk.Resample(antialias(fixed_f, spacing), work, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    moving_w = sitk.Resample(antialias(moving_f, spacing), work, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
     shape = tf.grid_shape(work)
     multiple = math.lcm(cfg["grid_sp"], cfg["grid_sp_adam"])
     if any(s < 2 * cfg["grid_sp"] + 1 for s in shape):

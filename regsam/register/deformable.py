@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from regsam.devices import resolve_device
 from regsam.errors import InputError
+from regsam.io.geometry import antialias, grid_of
 from regsam.io.images import check_volume
 from regsam.io.transforms import TransformLike, as_transform, check_displacement_field, jacobian_determinant
 from regsam.register import torch_fields as tf
@@ -160,15 +161,6 @@ def _normalise_ct(image: sitk.Image) -> sitk.Image:
     lo, hi = HU_RANGE
     clipped = sitk.Clamp(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkFloat32, lo, hi)
     return (clipped - lo) / (hi - lo)
-
-
-def _antialias(image: sitk.Image, spacing: np.ndarray) -> sitk.Image:
-    """Gaussian pre-smoothing (mm) before sampling ``image`` at a coarser ``spacing``."""
-    own = np.array(image.GetSpacing())
-    sigma = 0.5 * np.sqrt(np.maximum(spacing**2 - own**2, 0.0))
-    if np.all(sigma < 0.3 * own):
-        return image
-    return sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
 
 
 def _resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, default: float) -> sitk.Image:
@@ -351,8 +343,8 @@ def refine_deformable(
     level_data = []
     for grid in grids:
         spacing = np.array(grid.GetSpacing())
-        f_img = tf.image_to_tensor(_resample(_antialias(fixed_n, spacing), grid, sitk.Transform(), 0.0), dev)
-        m_img = tf.image_to_tensor(_resample(_antialias(moving_n, spacing), grid, t0, moving_default), dev)
+        f_img = tf.image_to_tensor(_resample(antialias(fixed_n, spacing), grid, sitk.Transform(), 0.0), dev)
+        m_img = tf.image_to_tensor(_resample(antialias(moving_n, spacing), grid, t0, moving_default), dev)
         if cfg["similarity"] == "mind":
             f_img = mind_ssc(f_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
             m_img = mind_ssc(m_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
@@ -459,7 +451,7 @@ def refine_deformable(
         ddf_work, _ = displacement(theta, tf.grid_shape(work))  # finest level grid == work grid
         ddf_work = ddf_work.detach()
     u0_local = tf.transform_to_local_mm(t0, work, dev) if initial is not None else None
-    fixed_geo = _geometry_of(fixed)
+    fixed_geo = grid_of(fixed)
 
     def final_field(ddf_vox: torch.Tensor, total_sigma: float = 0.0) -> sitk.Image:
         """u = r + u0(x + r) on the working grid (optionally Gaussian-smoothed), resampled onto the fixed grid."""
@@ -514,12 +506,6 @@ def refine_deformable(
         "device": str(dev),
     }
     return DeformableResult(field=result, folding_share=det_share, info=info)
-
-
-def _geometry_of(image: sitk.Image) -> sitk.Image:
-    ref = sitk.Image([int(s) for s in image.GetSize()], sitk.sitkUInt8)
-    ref.CopyInformation(image)
-    return ref
 
 
 __all__ = ["PRESETS", "DeformableResult", "mind_ssc", "refine_deformable", "HU_RANGE"]

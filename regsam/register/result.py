@@ -33,6 +33,7 @@ import SimpleITK as sitk
 from regsam import __version__
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_dir
+from regsam.io.geometry import grid_of, world_to_index
 from regsam.io.images import AIR_HU
 from regsam.io.landmarks import as_points
 from regsam.io.transforms import (
@@ -65,10 +66,7 @@ def sample_displacement_cubic(displacement: sitk.Image, points: np.ndarray) -> n
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if len(pts) == 0:
         return np.zeros((0, 3))
-    origin = np.array(displacement.GetOrigin())
-    spacing = np.array(displacement.GetSpacing())
-    direction = np.array(displacement.GetDirection()).reshape(3, 3)
-    index = ((pts - origin) @ np.linalg.inv(direction).T) / spacing  # continuous (x, y, z) indices
+    index = world_to_index(displacement, pts)  # continuous (x, y, z) indices
     coords = index[:, ::-1].T  # numpy arrays are (z, y, x)
     arr = sitk.GetArrayViewFromImage(displacement)  # (z, y, x, 3)
     return np.stack(
@@ -139,9 +137,7 @@ class RegistrationResult:
     @property
     def fixed_grid(self) -> sitk.Image:
         """An empty (uint8) image with the fixed grid's geometry."""
-        ref = sitk.Image([int(s) for s in self.displacement.GetSize()], sitk.sitkUInt8)
-        ref.CopyInformation(self.displacement)
-        return ref
+        return grid_of(self.displacement)
 
     def map_points(self, points: np.ndarray, interpolation: str = "linear") -> np.ndarray:
         """Map fixed points (N, 3, mm, LPS) to moving space, ``x + u(x)`` (N, 3, mm).

@@ -35,24 +35,11 @@ import torch.nn.functional as F
 
 from regsam.devices import DeviceLike
 from regsam.errors import InputError
+from regsam.io.geometry import direction_matrix, empty_like_grid, voxel_world_points
 from regsam.io.transforms import TransformLike, check_displacement_field, transform_to_field
 
 
 # ------------------------------------------------------------------ geometry
-def direction_matrix(image: sitk.Image) -> np.ndarray:
-    """3x3 direction matrix (columns = world directions of the index axes x, y, z)."""
-    return np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-
-
-def empty_like_grid(size_xyz: Sequence[int], origin, spacing, direction) -> sitk.Image:
-    """A uint8 image carrying only a grid (size x, y, z; origin/spacing mm; direction)."""
-    ref = sitk.Image([int(s) for s in size_xyz], sitk.sitkUInt8)
-    ref.SetOrigin([float(v) for v in origin])
-    ref.SetSpacing([float(v) for v in spacing])
-    ref.SetDirection([float(v) for v in np.asarray(direction, dtype=np.float64).ravel()])
-    return ref
-
-
 def corner_aligned_grid(
     reference: sitk.Image, spacing_mm: float | Sequence[float] | None = None, size_xyz: Sequence[int] | None = None
 ) -> sitk.Image:
@@ -107,11 +94,7 @@ def spacing_zyx(grid: sitk.Image, device: DeviceLike = "cpu", dtype: torch.dtype
 
 def world_points(grid: sitk.Image) -> np.ndarray:
     """World coordinates (mm) of every voxel centre, shape (D, H, W, 3) in x, y, z (LPS) order."""
-    d, h, w = grid_shape(grid)
-    kk, jj, ii = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
-    idx = np.stack([ii, jj, kk], axis=-1).astype(np.float64)  # (d, h, w, 3) index x, y, z
-    m = direction_matrix(grid) * np.array(grid.GetSpacing())[None, :]
-    return idx @ m.T + np.array(grid.GetOrigin())
+    return voxel_world_points(grid)
 
 
 # ------------------------------------------------------------------ images
@@ -121,17 +104,6 @@ def image_to_tensor(image: sitk.Image, device: DeviceLike = "cpu", dtype: torch.
         raise InputError("image_to_tensor expects a scalar image")
     arr = sitk.GetArrayFromImage(image)
     return torch.from_numpy(np.ascontiguousarray(arr)).to(device=torch.device(device), dtype=dtype)[None, None]
-
-
-def tensor_to_image(tensor: torch.Tensor, reference: sitk.Image) -> sitk.Image:
-    """Tensor (1, 1, D, H, W) or (D, H, W) -> float32 image with ``reference``'s grid."""
-    arr = tensor.detach().to("cpu", torch.float32).numpy()
-    arr = arr.reshape(arr.shape[-3:])
-    if arr.shape != grid_shape(reference):
-        raise InputError(f"tensor shape {arr.shape} does not match the reference grid {grid_shape(reference)}")
-    out = sitk.GetImageFromArray(arr)
-    out.CopyInformation(reference)
-    return out
 
 
 # ------------------------------------------------------------------ fields

@@ -13,7 +13,7 @@ from scipy.ndimage import gaussian_filter
 from regsam.embed.inference import Embedding, embed_image
 from regsam.embed.matching import match_points, similarity_at
 from regsam.embed.model import DEFAULT_WEIGHTS, load_embedder
-from regsam.embed.preprocess import reference_image
+from regsam.io.geometry import empty_like_grid
 from regsam.errors import InputError
 from regsam.io.images import read_image
 
@@ -41,9 +41,9 @@ def planted():
         return Embedding(
             np.ascontiguousarray(fine.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2),
             np.ascontiguousarray(coarse.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2),
-            reference_image((w // 2, h // 2, d // 2), origin, (4.0,) * 3, IDENTITY),
-            reference_image((w // 8, h // 8, d // 8), origin, (16.0,) * 3, IDENTITY),
-            reference_image((w, h, d), origin, (2.0,) * 3, IDENTITY),
+            empty_like_grid((w // 2, h // 2, d // 2), origin, (4.0,) * 3, IDENTITY),
+            empty_like_grid((w // 8, h // 8, d // 8), origin, (16.0,) * 3, IDENTITY),
+            empty_like_grid((w, h, d), origin, (2.0,) * 3, IDENTITY),
             2.0,
         )
 
