@@ -161,7 +161,7 @@ class CropConfig:
     base_spacing_mm: float = 2.0
     #: each view's spacing is base_spacing_mm * U(scale_range); SAM: 0.8-1.2
     scale_range: tuple[float, float] = (0.8, 1.2)
-    #: random rotation of each view about its centre (degrees, per axis); SAM: 0 (none)
+    #: each view is rotated about its seed point by up to this angle (degrees, random axis); SAM: 0 (none)
     rotation_deg: float = 0.0
     #: spacing (mm) the scans are resampled to once before views are drawn from them
     scan_spacing_mm: float = 1.0
@@ -230,13 +230,14 @@ class ViewGeometry:
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A rotation by an angle ~ U(0, ``max_deg``) degrees about a uniformly random axis (identity if 0)."""
     if max_deg <= 0:
         return np.eye(3)
-    ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
-    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
-    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
-    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    axis = rng.normal(size=3)
+    axis /= max(np.linalg.norm(axis), 1e-12)
+    angle = np.deg2rad(rng.uniform(0.0, max_deg))
+    k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return np.eye(3) + math.sin(angle) * k + (1.0 - math.cos(angle)) * (k @ k)
 
 
 def sample_view_pair(scan: Scan, config: CropConfig, rng: np.random.Generator) -> tuple[ViewGeometry, ViewGeometry]:
@@ -351,7 +352,7 @@ def hierarchy_grids(size: Sequence[int], levels: int, min_part: int = 16) -> lis
     """Grids of a coarse-to-fine binary decomposition of a ``size`` (x, y, z) view (Adam's hierarchy).
 
     Level ``l`` (1-based) halves every level-``l-1`` part along its longest side (ties: x, then y, then z), so
-    level ``l`` has ``2**l`` parts; e.g. 64 x 64 x 32 -> (2, 1, 1), (2, 2, 1), (2, 2, 2).
+    level ``l`` has ``2**l`` parts; e.g. 64 x 64 x 32 -> (2, 1, 1), (2, 2, 1), (4, 2, 1).
 
     Raises:
         InputError: a part would get a side below ``min_part`` voxels or an odd side would be halved.

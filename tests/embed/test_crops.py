@@ -10,11 +10,15 @@ import torch
 from regsam.embed.crops import (
     CropConfig,
     TwoViewSampler,
+    ViewGeometry,
     apply_affine,
+    grid_key,
+    hierarchy_grids,
     image_affine,
     load_scan,
     sample_view,
     sample_view_pair,
+    split_grid,
     voxel_centres,
 )
 from regsam.embed.objectives.sam import SAMObjective
@@ -134,3 +138,75 @@ def test_sampler_state_replays_the_same_batch(ramp_scan):
 def test_crop_config_rejects_unknown_keys():
     with pytest.raises(InputError, match="unknown"):
         CropConfig.from_dict({"sizes": [1, 2, 3]})
+
+
+def test_rotated_views_keep_positives_exact(ramp_scan):
+    """Up to 15 deg per axis: a world point read in both views is the same point, and views hold its value."""
+    config = CropConfig(size=(24, 20, 16), scan_spacing_mm=1.0, hu_window=WINDOW, rotation_deg=15.0)
+    rng = np.random.default_rng(6)
+    angles = []
+    for _ in range(10):
+        view1, view2 = sample_view_pair(ramp_scan, config, rng)
+        for view in (view1, view2):
+            axes = view.index_to_world[:3, :3] / np.linalg.norm(view.index_to_world[:3, :3], axis=0)
+            scan_axes = ramp_scan.index_to_world[:3, :3] / np.linalg.norm(ramp_scan.index_to_world[:3, :3], axis=0)
+            relative = scan_axes.T @ axes  # the view's rotation relative to the scan grid
+            angles.append(np.degrees(np.arccos(np.clip((np.trace(relative) - 1) / 2, -1, 1))))
+            values, valid = sample_view(ramp_scan, view)
+            world = view.to_world(voxel_centres(view.size).numpy().reshape(-1, 3))
+            interior = valid.reshape(-1).numpy() & _interior(ramp_scan, world)
+            assert np.abs(values.reshape(-1).numpy() - _ramp(world) / WINDOW[1])[interior].max() * WINDOW[1] < 0.05
+        world = view1.to_world(rng.uniform(0, np.array(view1.size) - 1, size=(200, 3)))
+        assert np.abs(view2.to_world(view2.to_index(world)) - world).max() < 1e-4
+    assert 5.0 < max(angles) <= 15.0 + 1e-6
+
+
+def test_thick_slice_views_blur_along_z_only():
+    """A 4 mm-period z pattern vanishes in an 8 mm thick-slice reading; a linear ramp is reproduced exactly;
+    x/y detail is untouched."""
+    z = (np.arange(200) * 0.5)[:, None, None]  # 100 mm along z
+    x = np.arange(30)[None, None, :]
+    affine = np.eye(4) * 0.5
+    affine[3, 3] = 1.0
+    affine[:3, 3] = (2.0, 2.0, 42.0)  # 16 x 16 x 32 voxels of 0.5 mm well inside the scan
+    view = ViewGeometry((16, 16, 32), affine)
+    for pattern, thickness, phase, expect_thin, expect_thick in (
+        (100.0 * np.sin(2 * np.pi * z / 4.0), 8.0, 0.3, "pattern", "flat"),
+        (10.0 * z + 0.0 * x, 6.0, 0.7, "pattern", "same"),
+        (100.0 * np.sin(2 * np.pi * x / 4.0) + 0.0 * z, 8.0, 0.1, "pattern", "same"),
+    ):
+        image = sitk.GetImageFromArray(np.broadcast_to(pattern, (200, 30, 30)).astype(np.float32))
+        image.SetSpacing((1.0, 1.0, 0.5))
+        scan = load_scan(image, spacing_mm=0.5, hu_window=WINDOW, foreground_hu=-1e9)
+        thin, valid = sample_view(scan, view)
+        thick, _ = sample_view(scan, view, thickness_mm=thickness, phase=phase)
+        assert valid.all()
+        assert np.ptp(thin.numpy()) * WINDOW[1] > 50
+        if expect_thick == "flat":  # slab average (3-point rule at 0, +-t/3) of a 4 mm sine over 8 mm is ~0
+            assert np.abs(thick.numpy()).max() * WINDOW[1] < 1.0
+        else:
+            assert np.abs((thick - thin).numpy()).max() * WINDOW[1] < 0.05
+    config = CropConfig(size=(16, 16, 16), base_spacing_mm=0.5, hu_window=WINDOW, thick_slice_prob=1.0)
+    batch = TwoViewSampler([scan], config, seed=0, augment=True).sample(1)
+    assert batch["view1"].shape == (1, 1, 16, 16, 16)
+    with pytest.raises(InputError, match="thick_slice_prob"):
+        CropConfig.from_dict({"thick_slice_prob": 2.0})
+
+
+def test_part_grids_tile_view_one_exactly(ramp_scan):
+    assert hierarchy_grids((64, 64, 32), 3) == [(2, 1, 1), (2, 2, 1), (4, 2, 1)]
+    assert hierarchy_grids((32, 64, 32), 1) == [(1, 2, 1)]
+    with pytest.raises(InputError, match="cannot split"):
+        hierarchy_grids((32, 32, 32), 4, min_part=16)
+    config = CropConfig(size=(32, 32, 16), scan_spacing_mm=1.0, hu_window=WINDOW, rotation_deg=10.0)
+    batch = TwoViewSampler([ramp_scan], config, seed=7, augment=False, part_grids=((2, 2, 1),)).sample(2)
+    key = grid_key((2, 2, 1))
+    assert batch[key].shape == (2, 4, 1, 16, 16, 16) and batch[key + "_affine"].shape == (2, 4, 4, 4)
+    for b in range(2):
+        view = batch["view1"][b, 0]
+        for p, (a, y, c) in enumerate([(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)]):
+            # part p = (c * gy + y) * gx + a holds view voxels [a*16, a*16+16) x [y*16, ...) x [c*16, ...)
+            block = view[c * 16:(c + 1) * 16, y * 16:(y + 1) * 16, a * 16:(a + 1) * 16]
+            assert (batch[key][b, p, 0] - block).abs().max() * WINDOW[1] < 0.05
+    with pytest.raises(InputError, match="must be 3 positive counts dividing"):
+        split_grid(sample_view_pair(ramp_scan, config, np.random.default_rng(0))[0], (3, 1, 1))

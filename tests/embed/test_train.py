@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from regsam.embed.train import default_config, learning_rate, load_config, resolve_data, train_embedder, TrainConfig
+from regsam.embed.train import IMAGE_SUFFIXES, default_config, learning_rate, load_config, resolve_data, train_embedder, TrainConfig
 from regsam.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,3 +130,84 @@ def test_init_weights_start_training_from_earlier_weights(tiny, tmp_path):
         train_embedder(other, tmp_path / "bad", init_weights=first, progress=False)
     with pytest.raises(InputError, match="matches no image|not found"):
         train_embedder(frozen, tmp_path / "missing", init_weights=tmp_path / "nope.pt", progress=False)
+
+
+def test_kill_9_mid_run_then_resume_continues_from_the_last_checkpoint(tiny, tmp_path):
+    """A real ``regsam train-embedder`` process killed with SIGKILL resumes (``--resume``) from its last checkpoint
+    and ends with the weights and log of an uninterrupted run."""
+    import signal
+    import time
+
+    config = tiny(max_steps=400, checkpoint_every=2)
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "regsam.cli", "train-embedder", "--config", str(config_path), "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "log.csv").is_file() and len(_log(out)) >= 5:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 4 <= step < 400 and step % 2 == 0
+    assert not (out / "weights.pt").exists()
+    resume = cmd + ["--resume", "--max-steps", str(step + 3)]
+    done = subprocess.run(resume, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == step + 3
+    rows = _log(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, step + 4))
+    straight = train_embedder(config, tmp_path / "straight", max_steps=step + 3, progress=False)
+    a = torch.load(straight, weights_only=False)["state_dict"]
+    b = torch.load(out / "weights.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in _log(tmp_path / "straight")]
+
+
+def test_held_out_scans_are_refused(tiny, tmp_path, chest_crop_path):
+    config = tiny(max_steps=1)
+    config["holdout"] = [str(chest_crop_path)]
+    with pytest.raises(InputError, match="held-out scan .*pulmonary_ct_cropped"):
+        train_embedder(config, tmp_path / "a", progress=False)
+    copy = tmp_path / "renamed.nii.gz"  # a renamed copy is refused by content
+    copy.write_bytes(chest_crop_path.read_bytes())
+    config["data"] = [str(copy)]
+    with pytest.raises(InputError, match="held-out scan .*renamed"):
+        train_embedder(config, tmp_path / "b", progress=False)
+    config["holdout"] = ["elsewhere/renamed.nii.gz"]  # absent here: compared by file name
+    with pytest.raises(InputError, match="holdout entry 'elsewhere/renamed.nii.gz'"):
+        train_embedder(config, tmp_path / "c", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_all_data_config_covers_every_ct_but_the_held_out_ones(shared_data):
+    path = REPO / "regsam" / "configs" / "embedder" / "chest_all.yaml"
+    raw = yaml.safe_load(path.read_text())
+    cfg, bases = load_config(path)
+    assert set(cfg) == set(default_config())
+    for section in ("model", "crops", "train"):  # every constant spelled out, the model not grown
+        assert set(raw[section]) >= set(default_config()[section]), section
+    assert raw["model"] == yaml.safe_load((REPO / "regsam" / "configs" / "embedder" / "sam_chest.yaml").read_text())["model"]
+    assert cfg["crops"]["rotation_deg"] == 15.0 and cfg["crops"]["thick_slice_mm"][1] >= 8.0
+    files = resolve_data(cfg["data"], bases)
+    held = {Path(p).name for p in resolve_data(cfg["holdout"], bases)}
+    assert held == {"lidc_idri_0314_chest.nii.gz", "aorta_ct_cropped.nii.gz", "pulmonary_ct_cropped.nii.gz"}
+    every_ct = {p.name for p in shared_data.rglob("*") if p.name.endswith(IMAGE_SUFFIXES) and "mask" not in p.name}
+    assert {Path(p).name for p in files if p != "sample-ct"} | held == every_ct
+    assert "sample-ct" in files
+    from regsam.embed.train import check_holdout
+
+    check_holdout(files, cfg["holdout"], bases)  # no error
+    with pytest.raises(InputError, match="lidc_idri_0314"):
+        check_holdout(files + resolve_data(["../shared/data/ct_more/lidc_idri_0314_chest.nii.gz"], bases), cfg["holdout"], bases)
