@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.io.geometry import direction_matrix
 from regsam.util import last_line
 
 #: HU value used outside the scanned field of view (air).
@@ -144,7 +145,7 @@ def resample_to_spacing(
     old_size = np.array(image.GetSize())
     new_size = np.maximum(1, np.round(old_size * old_spacing / np.array(spacing))).astype(int)
     # Keep the centre of the field of view fixed so both grids cover the same region.
-    direction = np.array(image.GetDirection()).reshape(3, 3)
+    direction = direction_matrix(image)
     centre = np.array(image.TransformContinuousIndexToPhysicalPoint(((old_size - 1) / 2.0).tolist()))
     origin = centre - direction @ ((new_size - 1) / 2.0 * np.array(spacing))
     return sitk.Resample(

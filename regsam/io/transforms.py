@@ -37,6 +37,7 @@ import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.io.geometry import direction_matrix
 from regsam.io.images import AIR_HU, same_grid
 from regsam.io.landmarks import as_points
 from regsam.util import last_line
@@ -281,7 +282,7 @@ def jacobian_determinant(field: sitk.Image) -> sitk.Image:
     clean = check_displacement_field(field)
     if min(clean.GetSize()) < 2:
         raise InputError(f"displacement field of size {clean.GetSize()}: the Jacobian needs at least 2 voxels per axis")
-    direction = np.array(clean.GetDirection()).reshape(3, 3)
+    direction = direction_matrix(clean)
     # Row vectors u^T D = (D^T u)^T: displacements along the voxel axes. det(I + D^T G) = det(I + G D^T).
     local = sitk.GetArrayViewFromImage(clean) @ direction
     spacing_zyx = clean.GetSpacing()[::-1]

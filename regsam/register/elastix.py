@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from regsam.errors import InputError  # noqa: E402
+from regsam.io.geometry import direction_matrix  # noqa: E402
 from regsam.io.images import AIR_HU  # noqa: E402
 from regsam.io.landmarks import as_points, write_elastix_points  # noqa: E402
 from regsam.io.transforms import warp_image  # noqa: E402
@@ -142,7 +143,7 @@ def sitk_to_itk(image: sitk.Image, pixel_type=np.float32) -> itk.Image:
     out = itk.image_from_array(arr)  # copies
     out.SetOrigin([float(v) for v in image.GetOrigin()])
     out.SetSpacing([float(v) for v in image.GetSpacing()])
-    out.SetDirection(itk.matrix_from_array(np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)))
+    out.SetDirection(itk.matrix_from_array(direction_matrix(image)))
     return out
 
 
@@ -151,7 +152,7 @@ def _mask_to_itk(mask: sitk.Image) -> itk.Image:
     out = itk.image_from_array(np.ascontiguousarray(binary))
     out.SetOrigin([float(v) for v in mask.GetOrigin()])
     out.SetSpacing([float(v) for v in mask.GetSpacing()])
-    out.SetDirection(itk.matrix_from_array(np.array(mask.GetDirection(), dtype=np.float64).reshape(3, 3)))
+    out.SetDirection(itk.matrix_from_array(direction_matrix(mask)))
     return out
 
 
@@ -271,7 +272,7 @@ def linear_to_parameter_map(transform: sitk.Transform, fixed: sitk.Image) -> dic
         center = np.array(transform.GetCenter(), dtype=np.float64)
     a = matrix[:3, :3]
     t = matrix[:3, 3] + a @ center - center  # A (x - c) + t + c == A x + offset
-    direction = np.array(fixed.GetDirection(), dtype=np.float64).reshape(3, 3)
+    direction = direction_matrix(fixed)
 
     def nums(values) -> list[str]:
         return [repr(float(v)) for v in values]
