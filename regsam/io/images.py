@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,20 +42,104 @@ def check_volume(image: sitk.Image, name: str = "image") -> sitk.Image:
     return image
 
 
-def read_image(path: str | os.PathLike, name: str | None = None) -> sitk.Image:
+#: Bytes read at a time when checking a NIfTI file's data (a multiple of every voxel size).
+_CHUNK_BYTES = 1 << 22
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _nifti_nonfinite(path: Path, label: str) -> np.ndarray | None:
+    """Check a NIfTI file's voxel data as stored: complete, and where it is not finite.
+
+    SimpleITK's NIfTI reader fills a truncated data block (compressed or not) with zeros and
+    reads float NaN/inf voxels as 0, both without a word. This reads the stored bytes once, in
+    chunks, as nibabel's header describes them (data offset, shape, on-disk type); for a
+    ``.nii.gz`` that is one more decompression of the file.
+
+    Returns:
+        Flat indices (file order, x fastest: the C order of SimpleITK's (z, y, x) array) of the
+        NaN or infinite voxels of a float image (empty if none), or ``None`` when nibabel cannot
+        parse the header (SimpleITK's reader then reports the unreadable file).
+
+    Raises:
+        InputError: the data block is shorter than the header says (a truncated file) or corrupt.
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))  # reads the header only
+        proxy = image.dataobj
+        offset = int(proxy.offset)  # type: ignore[attr-defined]
+        shape = tuple(int(s) for s in proxy.shape)
+        dtype = np.dtype(image.header.get_data_dtype())
+    except Exception:  # noqa: BLE001 - not parseable by nibabel: SimpleITK's reader gives the error line
+        return None
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    check_values = dtype.kind == "f"
+    bad: list[np.ndarray] = []
+    got = 0
+    try:
+        with nib.openers.ImageOpener(str(path), "rb") as opened:
+            stream = cast(IO[bytes], opened)
+            if len(stream.read(offset)) == offset:
+                while got < expected:
+                    chunk = stream.read(min(_CHUNK_BYTES, expected - got))
+                    if not chunk:
+                        break
+                    if check_values:
+                        usable = len(chunk) - len(chunk) % dtype.itemsize
+                        where = np.flatnonzero(~np.isfinite(np.frombuffer(chunk[:usable], dtype=dtype)))
+                        if len(where):
+                            bad.append(where + got // dtype.itemsize)
+                    got += len(chunk)
+    except EOFError:
+        pass  # a cut gzip stream: reported below with the byte count
+    except Exception as exc:  # noqa: BLE001 - gzip.BadGzipFile, zlib.error: a damaged stream
+        raise InputError(f"{label}: corrupt image data in {path} ({type(exc).__name__}: {exc})") from None
+    if got < expected:
+        raise InputError(
+            f"{label}: truncated image file {path}: less voxel data than the {expected} bytes its header "
+            f"announces ({'x'.join(map(str, shape))} voxels of {dtype.name})"
+        )
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def replace_nonfinite(image: sitk.Image, value: float, index: np.ndarray | None = None) -> sitk.Image:
+    """A copy of a scalar ``image`` with its NaN/inf voxels (or those at flat C-order ``index``) set to ``value``."""
+    array = sitk.GetArrayFromImage(image)
+    if index is None:
+        array[~np.isfinite(array)] = value
+    else:
+        array.reshape(-1)[index] = value
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def read_image(path: str | os.PathLike, name: str | None = None, *, nan_value: float | None = None) -> sitk.Image:
     """Read a 3D image from any SimpleITK format or from a DICOM series folder.
+
+    NIfTI files are also checked as stored (:func:`_nifti_nonfinite`): a truncated file, and
+    NaN/inf voxels that SimpleITK alone would read as 0, are refused as in any other format.
 
     Args:
         path: ``.nii``/``.nii.gz``, ``.mha``/``.mhd``, ``.nrrd`` ... or a folder holding one DICOM series.
         name: what to call the image in error messages (defaults to the path).
+        nan_value: replace NaN/inf voxels by this value (e.g. -1024 HU) instead of refusing the image.
 
     Raises:
-        InputError: missing/unreadable file, or not a 3D scalar volume, or NaNs.
+        InputError: missing/unreadable/truncated file, not a 3D scalar volume, or NaN/inf voxels
+            (unless ``nan_value`` is given).
     """
     path = Path(path)
     label = name or _describe(path)
     if not path.exists():
         raise InputError(f"{label}: file not found: {path}")
+    if nan_value is not None and not np.isfinite(nan_value):
+        raise InputError(f"the NaN replacement value must be a finite number, got {nan_value}")
+    nonfinite = _nifti_nonfinite(path, label) if _is_nifti(path) else None
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -70,6 +155,16 @@ def read_image(path: str | os.PathLike, name: str | None = None) -> sitk.Image:
         raise
     except RuntimeError as exc:
         raise InputError(f"{label}: cannot read image {path} ({last_line(exc, 'unknown error', 160)})") from None
+    scalar_3d = image.GetDimension() == 3 and image.GetNumberOfComponentsPerPixel() == 1
+    if nonfinite is not None and len(nonfinite) and scalar_3d and image.GetNumberOfPixels() > int(nonfinite.max()):
+        if nan_value is None:
+            raise InputError(
+                f"{label} contains NaN or infinite values ({len(nonfinite)} voxels; "
+                "'regsam register --nan-value HU' replaces them)"
+            )
+        image = replace_nonfinite(image, nan_value, nonfinite)
+    elif nan_value is not None and nonfinite is None and scalar_3d and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        image = replace_nonfinite(image, nan_value)
     return check_volume(image, label)
 
 

@@ -1,56 +1,37 @@
 """One entry point for every registration method.
 
-:data:`METHODS` is a plain dict: method name -> function with the signature::
+:data:`METHODS` (from :mod:`regsam.register.methods`) is a plain dict: method name ->
+:class:`~regsam.register.methods.MethodSpec`, whose ``run`` has the signature::
 
-    fn(fixed: sitk.Image, moving: sitk.Image, *, preset: str | None,
-       fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None, **options) -> RegistrationResult
+    run(fixed: sitk.Image, moving: sitk.Image, *, preset: str | None,
+        fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None, **options) -> RegistrationResult
 
-A new method is added by writing such a function and putting it in the dict
-(``METHODS["sam"] = register_sam``), usually below in this module with a lazy import
-of the method's module, so that importing ``regsam.register.api`` stays cheap
-(itk-elastix alone takes ~20 s to load). Method functions receive images that
-:func:`register` has already validated (3D scalar volumes, masks non-empty and on
-their image's grid, fields of view overlapping); they return a
-:class:`~regsam.register.result.RegistrationResult` whose displacement lies on the
-fixed grid and maps fixed ``x`` to moving ``x + u(x)``.
+A new method is added by writing such a function and registering a ``MethodSpec`` (its presets,
+options and masks) in ``regsam/register/methods.py``. :func:`register` refuses a preset, option or
+mask the method does not take (:class:`~regsam.errors.InputError`), and hands the method images it
+has already validated (3D scalar volumes, masks non-empty and on their image's grid, fields of view
+overlapping); the method returns a :class:`~regsam.register.result.RegistrationResult` whose
+displacement lies on the fixed grid and maps fixed ``x`` to moving ``x + u(x)``. A method that
+fails inside raises :class:`~regsam.register.methods.MethodFailure`, one line naming it and the cause.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from regsam.errors import InputError
-from regsam.io.images import check_volume, read_image, same_grid
+from regsam.io.images import check_volume, read_image, replace_nonfinite, same_grid
+from regsam.register.methods import METHODS, MethodFailure, MethodSpec, get_method, resolve_preset
 from regsam.register.result import RegistrationResult
 
-MethodFunction = Callable[..., RegistrationResult]
-
-
-def _elastix(
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    *,
-    preset: str | None = None,
-    fixed_mask: sitk.Image | None = None,
-    moving_mask: sitk.Image | None = None,
-    **options,
-) -> RegistrationResult:
-    """Elastix (itk-elastix), presets ``lung`` (default) and ``fast``; options: see ``register_elastix``."""
-    from regsam.register.elastix import register_elastix
-
-    return register_elastix(fixed, moving, preset=preset, fixed_mask=fixed_mask, moving_mask=moving_mask, **options)
-
-
-#: Method name -> registration function (see the module docstring for the signature).
-METHODS: dict[str, MethodFunction] = {
-    "elastix": _elastix,
-}
+__all__ = ["METHODS", "MethodFailure", "MethodSpec", "register", "resolve_preset", "run_register_command"]
 
 
 # ------------------------------------------------------------------ validation
@@ -95,12 +76,25 @@ def check_mask(mask: sitk.Image, image: sitk.Image, name: str) -> sitk.Image:
     return mask
 
 
-def _load(value, name: str) -> sitk.Image:
+def _load(value: object, name: str, nan_value: float | None = None) -> sitk.Image:
     if isinstance(value, sitk.Image):
+        scalar_float = value.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) and value.GetDimension() == 3
+        if nan_value is not None and scalar_float:
+            value = replace_nonfinite(value, nan_value)
         return check_volume(value, name)
     if isinstance(value, (str, os.PathLike)):
-        return read_image(value, name=f"{name} {value}")
+        return read_image(value, name=f"{name} {value}", nan_value=nan_value)
     raise InputError(f"{name}: expected a SimpleITK image or a file path, got {type(value).__name__}")
+
+
+def _cause(exc: BaseException) -> str:
+    """One line saying why a method failed: ITK's ``Description:`` line, else the message's first line."""
+    text = str(exc).strip()
+    match = re.search(r"Description:\s*(.+)", text)
+    line = match.group(1).strip() if match else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if not isinstance(exc, RuntimeError) or not line:
+        line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line[:300]
 
 
 # ------------------------------------------------------------------ entry points
@@ -111,36 +105,52 @@ def register(
     preset: str | None = None,
     fixed_mask: sitk.Image | str | os.PathLike | None = None,
     moving_mask: sitk.Image | str | os.PathLike | None = None,
-    **options,
+    nan_value: float | None = None,
+    **options: object,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with ``method``; images and masks may be given as paths.
+
+    Args:
+        method: a key of :data:`METHODS`.
+        preset: one of the method's presets (``METHODS[method].presets``; default its ``default_preset``).
+        fixed_mask, moving_mask: masks (non-zero inside) on their image's grid; only those the method
+            uses (``METHODS[method].uses_masks``) are accepted.
+        nan_value: replace NaN/inf voxels of the images by this value (HU) instead of refusing them.
+        options: the method's own options (``METHODS[method].options``; see its ``register_*`` function).
 
     Returns:
         The method's :class:`RegistrationResult`; its timings gain ``load`` (reading and
         validating inputs) and ``total`` (everything, this call included).
 
     Raises:
-        InputError: unknown method, images that are not 3D scalar volumes, masks that are
-            empty or not on their image's grid, or fields of view that do not overlap.
+        InputError: unknown method or preset, an option or mask the method does not take, images
+            that are not 3D scalar volumes or hold NaN/inf voxels, masks that are empty or not on
+            their image's grid, or fields of view that do not overlap.
+        MethodFailure: the method failed inside (one line: the method and the cause).
     """
     start = time.perf_counter()
-    if method not in METHODS:
-        raise InputError(f"unknown registration method '{method}' (known: {', '.join(sorted(METHODS))})")
-    fixed_img = _load(fixed, "fixed image")
-    moving_img = _load(moving, "moving image")
+    spec = get_method(method)
+    spec.check_call(preset, options, {"fixed": fixed_mask, "moving": moving_mask})
+    fixed_img = _load(fixed, "fixed image", nan_value)
+    moving_img = _load(moving, "moving image", nan_value)
     fixed_mask_img = check_mask(_load(fixed_mask, "fixed mask"), fixed_img, "fixed mask") if fixed_mask is not None else None
     moving_mask_img = (
         check_mask(_load(moving_mask, "moving mask"), moving_img, "moving mask") if moving_mask is not None else None
     )
     check_overlap(fixed_img, moving_img)
     load_s = time.perf_counter() - start
-    result = METHODS[method](
-        fixed_img, moving_img, preset=preset, fixed_mask=fixed_mask_img, moving_mask=moving_mask_img, **options
-    )
+    try:
+        result = spec.run(
+            fixed_img, moving_img, preset=preset, fixed_mask=fixed_mask_img, moving_mask=moving_mask_img, **options
+        )
+    except (InputError, MethodFailure):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure inside a method becomes one line naming it
+        raise MethodFailure(f"method '{method}' failed: {_cause(exc)}") from exc
     if result.displacement.GetSize() != fixed_img.GetSize() or not np.allclose(
         result.displacement.GetOrigin(), fixed_img.GetOrigin(), atol=1e-3
     ):
-        raise RuntimeError(f"method '{method}' returned a displacement field that is not on the fixed grid")
+        raise MethodFailure(f"method '{method}' returned a displacement field that is not on the fixed grid")
     timings = {"load": load_s}
     timings.update({k: v for k, v in result.timings.items() if k not in ("load", "total")})
     timings["total"] = time.perf_counter() - start
@@ -156,17 +166,26 @@ def run_register_command(
     preset: str | None = None,
     fixed_mask_path: str | os.PathLike | None = None,
     moving_mask_path: str | os.PathLike | None = None,
-    options: Mapping | None = None,
+    options: Mapping[str, object] | None = None,
+    nan_value: float | None = None,
 ) -> Path:
     """``regsam register``: read the inputs, register, write the result folder atomically; prints nothing.
 
     Returns:
         ``out_dir`` (disp.nii.gz, warped.nii.gz, affine.tfm if any, summary.json, method artifacts).
+
+    Raises:
+        InputError: bad input (see :func:`register`); nothing is written.
+        MethodFailure: the method failed inside; nothing is written.
     """
     options = dict(options or {})
+    get_method(method).check_call(
+        preset, options, {"fixed": fixed_mask_path or None, "moving": moving_mask_path or None}
+    )
     fixed_mask = read_image(fixed_mask_path, name=f"fixed mask {fixed_mask_path}") if fixed_mask_path else None
     result = register(
-        fixed_path, moving_path, method=method, preset=preset, fixed_mask=fixed_mask, moving_mask=moving_mask_path, **options
+        fixed_path, moving_path, method=method, preset=preset, fixed_mask=fixed_mask, moving_mask=moving_mask_path,
+        nan_value=nan_value, **options,
     )
     command = {
         "fixed": str(Path(fixed_path).resolve()),
@@ -177,35 +196,7 @@ def run_register_command(
         "fixed_mask": str(Path(fixed_mask_path).resolve()) if fixed_mask_path else None,
         "moving_mask": str(Path(moving_mask_path).resolve()) if moving_mask_path else None,
         "options": options,
+        "nan_value": nan_value,
     }
     return result.save(out_dir, summary_extra={"command": command}, fixed_mask=fixed_mask)
 
-
-def _convexadam(fixed: sitk.Image, moving: sitk.Image, **kwargs) -> RegistrationResult:
-    """ConvexAdam (convexadam==0.2.0), presets ``lung`` (default), ``default``, ``fast``; see ``register_convexadam``."""
-    from regsam.register.convexadam import register_convexadam
-
-    return register_convexadam(fixed, moving, **kwargs)
-
-
-METHODS["convexadam"] = _convexadam
-
-
-def _sam(fixed: sitk.Image, moving: sitk.Image, **kwargs) -> RegistrationResult:
-    """SAM embeddings: affine, coarse and deformable stages, presets ``fast`` (default) and ``accurate``; see ``register_sam``."""
-    from regsam.register.sam import register_sam
-
-    return register_sam(fixed, moving, **kwargs)
-
-
-METHODS["sam"] = _sam
-
-
-def _sam_elastix(fixed: sitk.Image, moving: sitk.Image, **kwargs) -> RegistrationResult:
-    """SAM affine + SAM correspondences -> elastix B-spline, presets ``lung`` (default) and ``fast``; see ``register_sam_elastix``."""
-    from regsam.register.sam_elastix import register_sam_elastix
-
-    return register_sam_elastix(fixed, moving, **kwargs)
-
-
-METHODS["sam+elastix"] = _sam_elastix

@@ -19,7 +19,8 @@ How the package is driven:
    the fixed grid. ``tests/register/test_convexadam.py`` checks axis order and sign with a planted
    shift along each axis separately.
 
-Presets (every value can be overridden by keyword):
+Presets (:class:`~regsam.register.presets.ConvexAdamPreset`, in :mod:`regsam.register.presets`; every value
+can be overridden by keyword, which builds a new validated preset with ``dataclasses.replace``):
 
 ``lung`` (default)
     the package's Learn2Reg 2021 lung-CT (task 2) submission, ``l2r_2021_convexAdam_task2_docker.py``
@@ -41,12 +42,12 @@ lung submission). A single mask is ignored (recorded in ``extras``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
 import time
 import warnings
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -58,47 +59,18 @@ from regsam.io.geometry import antialias
 from regsam.io.images import AIR_HU
 from regsam.io.transforms import jacobian_determinant, warp_image
 from regsam.register import torch_fields as tf
+from regsam.register.presets import (
+    CONVEXADAM_DEFAULT_PRESET,
+    CONVEXADAM_PRESETS,
+    ConvexAdamPreset,
+    choose_preset,
+    preset_settings,
+)
 from regsam.register.result import RegistrationResult
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "lung": {
-        "spacing_mm": 1.5,
-        "mind_r": 1,
-        "mind_d": 2,
-        "lambda_weight": 0.65,
-        "grid_sp": 4,
-        "disp_hw": 6,
-        "selected_niter": 50,
-        "selected_smooth": 3,
-        "grid_sp_adam": 2,
-        "ic": True,
-    },
-    "default": {
-        "spacing_mm": 1.5,
-        "mind_r": 1,
-        "mind_d": 2,
-        "lambda_weight": 1.25,
-        "grid_sp": 6,
-        "disp_hw": 4,
-        "selected_niter": 80,
-        "selected_smooth": 0,
-        "grid_sp_adam": 2,
-        "ic": True,
-    },
-    "fast": {
-        "spacing_mm": 2.5,
-        "mind_r": 1,
-        "mind_d": 2,
-        "lambda_weight": 0.65,
-        "grid_sp": 4,
-        "disp_hw": 6,
-        "selected_niter": 30,
-        "selected_smooth": 3,
-        "grid_sp_adam": 2,
-        "ic": True,
-    },
-}
-DEFAULT_PRESET = "lung"
+#: Preset name -> :class:`~regsam.register.presets.ConvexAdamPreset`.
+PRESETS: dict[str, ConvexAdamPreset] = CONVEXADAM_PRESETS
+DEFAULT_PRESET = CONVEXADAM_DEFAULT_PRESET
 
 
 def _convex_adam_pt():
@@ -122,26 +94,14 @@ def _package_version() -> str | None:
         return None
 
 
-def _config(preset: str | None, options: dict) -> dict:
-    name = preset or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise InputError(f"unknown convexadam preset '{name}' (known: {', '.join(sorted(PRESETS))})")
-    cfg = dict(PRESETS[name])
-    unknown = sorted(set(options) - set(cfg) - {"device"})
+def _config(preset: str | None, options: dict) -> tuple[str, ConvexAdamPreset]:
+    """The preset's name and its settings with ``options`` applied (validated by ``ConvexAdamPreset``)."""
+    name, cfg = choose_preset(PRESETS, preset, DEFAULT_PRESET, "convexadam")
+    known = [f.name for f in dataclasses.fields(cfg)]
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise InputError(f"unknown convexadam option(s) {', '.join(unknown)} (known: {', '.join(sorted(cfg))}, device)")
-    cfg.update({k: v for k, v in options.items() if k != "device"})
-    for key in ("mind_r", "mind_d", "grid_sp", "disp_hw", "selected_niter", "selected_smooth", "grid_sp_adam"):
-        cfg[key] = int(cfg[key])
-    if cfg["grid_sp"] < 1 or cfg["grid_sp_adam"] < 1 or cfg["disp_hw"] < 1:
-        raise InputError("grid_sp, grid_sp_adam and disp_hw must be >= 1")
-    if cfg["selected_smooth"] and cfg["selected_smooth"] % 2 == 0:
-        raise InputError(f"selected_smooth must be 0 or odd (a box-filter size), got {cfg['selected_smooth']}")
-    if cfg["spacing_mm"] is not None and float(cfg["spacing_mm"]) <= 0:
-        raise InputError(f"spacing_mm must be positive, got {cfg['spacing_mm']}")
-    cfg["ic"] = bool(cfg["ic"])
-    cfg["preset"] = name
-    return cfg
+        raise InputError(f"unknown convexadam option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}, device)")
+    return name, dataclasses.replace(cfg, **options)
 
 
 def _pad_to(arr: np.ndarray, multiple: int, mode: str = "edge") -> np.ndarray:
@@ -190,7 +150,7 @@ def register_convexadam(
         InputError: unknown preset or option, package missing, or an image too small for the settings.
     """
     start = time.perf_counter()
-    cfg = _config(preset, options)
+    name, cfg = _config(preset, options)
     dev = resolve_device(device)
     convex_adam_pt = _convex_adam_pt()
     timings: dict[str, float] = {}
@@ -198,19 +158,19 @@ def register_convexadam(
     t = time.perf_counter()
     fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
     moving_f = sitk.Cast(moving, sitk.sitkFloat32)
-    if cfg["spacing_mm"] is None:
+    if cfg.spacing_mm is None:
         work = tf.corner_aligned_grid(fixed, size_xyz=fixed.GetSize())
     else:
-        work = tf.corner_aligned_grid(fixed, float(cfg["spacing_mm"]))
+        work = tf.corner_aligned_grid(fixed, float(cfg.spacing_mm))
     spacing = np.array(work.GetSpacing())
     fixed_w = sitk.Resample(antialias(fixed_f, spacing), work, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
     moving_w = sitk.Resample(antialias(moving_f, spacing), work, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
     shape = tf.grid_shape(work)
-    multiple = math.lcm(cfg["grid_sp"], cfg["grid_sp_adam"])
-    if any(s < 2 * cfg["grid_sp"] + 1 for s in shape):
+    multiple = math.lcm(cfg.grid_sp, cfg.grid_sp_adam)
+    if any(s < 2 * cfg.grid_sp + 1 for s in shape):
         raise InputError(
-            f"image too small for convexadam: working grid {work.GetSize()} voxels at {cfg['spacing_mm']} mm; "
-            f"every axis needs more than 2 * grid_sp = {2 * cfg['grid_sp']} voxels (use a finer spacing_mm)"
+            f"image too small for convexadam: working grid {work.GetSize()} voxels at {cfg.spacing_mm} mm; "
+            f"every axis needs more than 2 * grid_sp = {2 * cfg.grid_sp} voxels (use a finer spacing_mm)"
         )
     if multiple % 2 and (fixed_mask is not None and moving_mask is not None):
         multiple *= 2  # its mask handling subsamples by 2
@@ -235,15 +195,15 @@ def register_convexadam(
                 disp = convex_adam_pt(
                     img_fixed=torch.from_numpy(np.ascontiguousarray(fixed_arr)),
                     img_moving=torch.from_numpy(np.ascontiguousarray(moving_arr)),
-                    mind_r=cfg["mind_r"],
-                    mind_d=cfg["mind_d"],
-                    lambda_weight=float(cfg["lambda_weight"]),
-                    grid_sp=cfg["grid_sp"],
-                    disp_hw=cfg["disp_hw"],
-                    selected_niter=cfg["selected_niter"],
-                    selected_smooth=cfg["selected_smooth"],
-                    grid_sp_adam=cfg["grid_sp_adam"],
-                    ic=cfg["ic"],
+                    mind_r=cfg.mind_r,
+                    mind_d=cfg.mind_d,
+                    lambda_weight=float(cfg.lambda_weight),
+                    grid_sp=cfg.grid_sp,
+                    disp_hw=cfg.disp_hw,
+                    selected_niter=cfg.selected_niter,
+                    selected_smooth=cfg.selected_smooth,
+                    grid_sp_adam=cfg.grid_sp_adam,
+                    ic=cfg.ic,
                     use_mask=use_mask,
                     dtype=dtype,
                     verbose=False,
@@ -270,7 +230,7 @@ def register_convexadam(
     det = sitk.GetArrayFromImage(jacobian_determinant(on_work))
     extras = {
         "convexadam": {
-            "settings": {k: v for k, v in cfg.items() if k != "preset"},
+            "settings": preset_settings(cfg),
             "working_grid": {"size": list(work.GetSize()), "spacing_mm": [float(s) for s in work.GetSpacing()]},
             "padded_shape_zyx": list(fixed_arr.shape),
             "masks_used": use_mask,
@@ -284,7 +244,7 @@ def register_convexadam(
         displacement=displacement,
         warped=warped,
         method="convexadam",
-        preset=cfg["preset"],
+        preset=name,
         timings=timings,
         affine=None,
         extras=extras,

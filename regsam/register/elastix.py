@@ -12,7 +12,13 @@ per stage, run in order (each stage starts from the previous stages' transform):
 
 The displacement field is transformix's deformation field on the fixed grid
 (fixed ``x`` -> moving ``x + u(x)``), the warped image is the moving image resampled
-through it. Elastix writes its files and logs into a temporary folder, never the
+through it.
+
+A stage whose metric gradient is exactly zero from its first iteration on (an image registered to
+itself: nothing to do) makes elastix fail, because the B-spline presets rescale the bending-energy
+gradient relative to the similarity's (0/0) and estimate the step size from it; such a stage is
+recorded as ``skipped`` (identity) instead. Any other failure is a ``RuntimeError`` whose message
+is the relevant line of the stage's elastix log. Elastix writes its files and logs into a temporary folder, never the
 current directory; the final TransformParameters files and the logs are kept as
 result artifacts (``elastix/`` in a result folder).
 
@@ -50,16 +56,21 @@ from regsam.io.geometry import direction_matrix  # noqa: E402
 from regsam.io.images import AIR_HU  # noqa: E402
 from regsam.io.landmarks import as_points, write_elastix_points  # noqa: E402
 from regsam.io.transforms import warp_image  # noqa: E402
+from regsam.register.presets import (  # noqa: E402
+    ELASTIX_CONFIG_DIR,
+    ELASTIX_DEFAULT_PRESET,
+    ELASTIX_PRESETS,
+    ElastixPreset,
+    choose_preset,
+    preset_settings,
+)
 from regsam.register.result import RegistrationResult, linear_to_matrix  # noqa: E402
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "elastix"
+CONFIG_DIR = ELASTIX_CONFIG_DIR
 
-#: Preset name -> parameter files (in ``CONFIG_DIR``), one per stage, run in order.
-PRESETS: dict[str, tuple[str, ...]] = {
-    "lung": ("lung_affine.txt", "lung_bspline.txt"),
-    "fast": ("fast_affine.txt", "fast_bspline.txt"),
-}
-DEFAULT_PRESET = "lung"
+#: Preset name -> :class:`~regsam.register.presets.ElastixPreset` (parameter files in ``CONFIG_DIR``, one per stage).
+PRESETS: dict[str, ElastixPreset] = ELASTIX_PRESETS
+DEFAULT_PRESET = ELASTIX_DEFAULT_PRESET
 
 _STAGE_NAMES = {
     "TranslationTransform": "translation",
@@ -82,10 +93,7 @@ _LINEAR = {"TranslationTransform": 3, "EulerTransform": 6, "SimilarityTransform"
 # ------------------------------------------------------------------ parameter maps
 def preset_files(preset: str | None) -> list[Path]:
     """The parameter files of a preset (``None`` means :data:`DEFAULT_PRESET`)."""
-    name = preset or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise InputError(f"unknown elastix preset '{name}' (known: {', '.join(sorted(PRESETS))})")
-    return [CONFIG_DIR / file_name for file_name in PRESETS[name]]
+    return choose_preset(PRESETS, preset, DEFAULT_PRESET, "elastix")[1].paths
 
 
 def _scalar(value) -> str:
@@ -352,6 +360,47 @@ def _first_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:200]
 
 
+def _log_error(log: str) -> str | None:
+    """The error line of an elastix log (its exception's ``Description:``), without ITK's ``ITK ERROR: Class(0x..):`` prefix."""
+    match = re.findall(r"Description:\s*(.+)", log)
+    if not match:
+        return None
+    line = re.sub(r"^ITK ERROR:\s*", "", match[-1].strip())
+    return re.sub(r"^(\w+)\(0x[0-9a-fA-F]+\):\s*", r"\1: ", line)[:300]
+
+
+def _read_log(stage_dir: Path) -> str:
+    path = stage_dir / "elastix.log"
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def _estimate_diverged(pmap: Mapping[str, Sequence[str]], log: str) -> bool:
+    """True if a stage failed because ASGD's displacement-distribution step size threw all samples out of the image."""
+    return (
+        pmap.get("Optimizer", [""])[0] == "AdaptiveStochasticGradientDescent"
+        and pmap.get("ASGDParameterEstimationMethod", ["Original"])[0] == "DisplacementDistribution"
+        and "Too many samples map outside moving image buffer" in log
+        and "1:ItNr" in log  # it failed while iterating, not before
+    )
+
+
+def _starts_at_optimum(log: str) -> bool:
+    """True if the log's first iteration has a zero metric gradient (``||Gradient||`` column): nothing to optimise."""
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("1:ItNr"):
+            header = line.split("\t")
+            column = next((k for k, name in enumerate(header) if name == "4:||Gradient||"), None)
+            if column is None or i + 1 >= len(lines):
+                return False
+            row = lines[i + 1].split("\t")
+            try:
+                return float(row[column]) == 0.0
+            except (IndexError, ValueError):
+                return False
+    return False
+
+
 def _final_metric(log: str) -> float | None:
     values = re.findall(r"Final metric value\s*=\s*([-+0-9.eE]+)", log)
     try:
@@ -429,7 +478,7 @@ def register_elastix(
     parameter_files: Sequence[str | os.PathLike] | None = None,
     overrides: Mapping[str, object] | None = None,
     stage_overrides: Mapping[str, Mapping[str, object]] | None = None,
-    stages: Sequence[str] | None = None,
+    stages: Sequence[str] | str | None = None,
     seed: int | None = None,
     keep_logs: bool = True,
     initial_transform: sitk.Transform | None = None,
@@ -446,7 +495,7 @@ def register_elastix(
         parameter_files: your own elastix parameter files, one per stage, instead of a preset.
         overrides: parameter -> value(s) set in every stage, e.g. ``{"MaximumNumberOfIterations": 200}``.
         stage_overrides: stage name (``affine``, ``bspline`` ...) -> overrides for that stage only.
-        stages: run only these stages (by name), e.g. ``("affine",)``.
+        stages: run only these stages (by name), e.g. ``("affine",)`` or ``"affine,bspline"``.
         seed: elastix ``RandomSeed`` of the random samplers (default: the files' value).
         keep_logs: keep the elastix logs as result artifacts (``elastix/elastix_<stage>.log``).
         initial_transform: a linear transform (fixed -> moving, mm) to start from; it is the first
@@ -465,21 +514,25 @@ def register_elastix(
     setup_start = time.perf_counter()
     if parameter_files and preset is not None:
         raise InputError("give either an elastix preset or parameter_files, not both")
+    preset_values: dict | None = None
     if parameter_files:
         files = [Path(p) for p in parameter_files]
         preset_label = "custom"
     else:
-        files = preset_files(preset)
-        preset_label = preset or DEFAULT_PRESET
+        preset_label, chosen = choose_preset(PRESETS, preset, DEFAULT_PRESET, "elastix")
+        files = chosen.paths
+        preset_values = preset_settings(chosen)
     pmaps = [read_parameter_map(f) for f in files]
     names: list[str] = []
     for pmap in pmaps:
         names.append(_stage_name(pmap, set(names)))
     if stages is not None:
-        unknown = [s for s in stages if s not in names]
-        if unknown or not stages:
-            raise InputError(f"unknown elastix stage(s) {', '.join(unknown) or '(none given)'}; this preset has {', '.join(names)}")
-        keep = [i for i, n in enumerate(names) if n in set(stages)]
+        # the one stage parser ("affine", "affine,bspline" or a list); imported here: regsam.register.sam
+        # imports torch and the embedder, which an elastix run does not otherwise need
+        from regsam.register.sam import parse_stages
+
+        wanted = parse_stages(stages, names, "elastix")
+        keep = [i for i, n in enumerate(names) if n in set(wanted)]
         pmaps, names, files = [pmaps[i] for i in keep], [names[i] for i in keep], [files[i] for i in keep]
     for key in stage_overrides or {}:
         if key not in names:
@@ -532,8 +585,8 @@ def register_elastix(
             moving_point_file = write_elastix_points(point_pairs[1], Path(tmp) / "moving_points.txt")
             artifacts["elastix/fixed_points.txt"] = fixed_point_file.read_text()
             artifacts["elastix/moving_points.txt"] = moving_point_file.read_text()
-        for i, (pmap, name) in enumerate(zip(pmaps, names)):
-            stage_dir = Path(tmp) / f"{i}_{name}"
+        def run_stage(pmap: Mapping[str, Sequence[str]], name: str, stage_dir: Path):
+            """One elastix stage from the current transform; ``(registration, None)`` or ``(None, error text)``."""
             stage_dir.mkdir()
             reg = itk.ElastixRegistrationMethod.New(fixed_itk, moving_itk)
             reg.SetParameterObject(_parameter_object([pmap]))
@@ -550,16 +603,35 @@ def register_elastix(
             reg.SetLogToConsole(False)
             reg.SetLogToFile(True)
             reg.SetLogFileName("elastix.log")
-            t0 = time.perf_counter()
             try:
                 reg.UpdateLargestPossibleRegion()
             except RuntimeError as exc:
-                raise RuntimeError(f"elastix {name} stage failed: {_first_line(exc)}") from None
+                return None, _first_line(exc)
+            return reg, None
+
+        for i, (pmap, name) in enumerate(zip(pmaps, names)):
+            t0 = time.perf_counter()
+            stage_dir = Path(tmp) / f"{i}_{name}"
+            reg, error = run_stage(pmap, name, stage_dir)
+            log = _read_log(stage_dir)
+            skipped = retried = None
+            if reg is None and _starts_at_optimum(log):
+                skipped = "zero metric gradient at the first iteration: already aligned, stage left out (identity)"
+            elif reg is None and _estimate_diverged(pmap, log):
+                # ASGD's "DisplacementDistribution" step size divides by the gradient at the start; near an
+                # optimum (an image and a noisy copy of it) that step throws every sample out of the image.
+                # The "Original" estimate does not depend on that gradient's size.
+                retried = {"ASGDParameterEstimationMethod": ["Original"]}
+                pmap = {**pmap, **retried}
+                stage_dir = Path(tmp) / f"{i}_{name}_retry"
+                reg, error = run_stage(pmap, name, stage_dir)
+                log = _read_log(stage_dir)
+            if reg is None and skipped is None:
+                raise RuntimeError(f"elastix {name} stage failed: {_log_error(log) or error}")
             timings[name] = time.perf_counter() - t0
-            # The result object holds the initial maps followed by this stage's map.
-            transform_object = reg.GetTransformParameterObject()
-            log_path = stage_dir / "elastix.log"
-            log = log_path.read_text(errors="replace") if log_path.is_file() else ""
+            if reg is not None:
+                # The result object holds the initial maps followed by this stage's map.
+                transform_object = reg.GetTransformParameterObject()
             if keep_logs and log:
                 artifacts[f"elastix/elastix_{name}.log"] = log
             stage_info.append(
@@ -570,21 +642,27 @@ def register_elastix(
                     "final_metric": _final_metric(log),
                     "metrics": list(pmap.get("Metric", [])),
                     "seconds": round(timings[name], 3),
+                    "skipped": skipped,
+                    "retried_with": retried,
                 }
             )
 
-        final_maps = _maps_of(transform_object)
+        final_maps = _maps_of(transform_object) if transform_object is not None else []
         t0 = time.perf_counter()
-        tf = itk.TransformixFilter.New(moving_itk)
-        tf.SetTransformParameterObject(transform_object)
-        tf.ComputeDeformationFieldOn()
-        tf.SetOutputDirectory(tmp)
-        tf.SetLogToConsole(False)
-        try:
-            tf.UpdateLargestPossibleRegion()
-        except RuntimeError as exc:
-            raise RuntimeError(f"transformix failed: {_first_line(exc)}") from None
-        displacement = itk_field_to_sitk(tf.GetOutputDeformationField(), fixed)
+        if final_maps:
+            tf = itk.TransformixFilter.New(moving_itk)
+            tf.SetTransformParameterObject(transform_object)
+            tf.ComputeDeformationFieldOn()
+            tf.SetOutputDirectory(tmp)
+            tf.SetLogToConsole(False)
+            try:
+                tf.UpdateLargestPossibleRegion()
+            except RuntimeError as exc:
+                raise RuntimeError(f"transformix failed: {_first_line(exc)}") from None
+            displacement = itk_field_to_sitk(tf.GetOutputDeformationField(), fixed)
+        else:  # every stage was left out (already aligned): the identity
+            displacement = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, 3)
+            displacement.CopyInformation(fixed)
         timings["field"] = time.perf_counter() - t0
 
     for file_name, text in transform_parameter_files(final_maps).items():
@@ -600,6 +678,7 @@ def register_elastix(
             "bspline_grid_size": [int(g) for g in grid] if grid else None,
             "overrides": {str(k): _values(v) for k, v in (overrides or {}).items()},
             "stage_overrides": {s: {str(k): _values(v) for k, v in o.items()} for s, o in (stage_overrides or {}).items()},
+            "preset_settings": preset_values,
             "seed": seed,
             "initial_transform": initial_transform is not None,
             "corresponding_points": None if point_pairs is None else {

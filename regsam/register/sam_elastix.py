@@ -45,6 +45,7 @@ from regsam.errors import InputError
 from regsam.io.images import AIR_HU
 from regsam.io.transforms import transform_to_field, warp_image
 from regsam.register import sam
+from regsam.register.presets import ELASTIX_PRESETS, choose_preset, preset_settings
 from regsam.register.result import RegistrationResult
 
 STAGES = ("affine", "bspline")
@@ -58,6 +59,16 @@ class SamElastixPreset:
     points_weights: tuple[float, ...]  # relative weight of the points metric, one per B-spline resolution
     sam: str = "fast"  # sam preset giving the matching and RANSAC settings (regsam.register.sam.PRESETS)
     min_points: int = 8  # fewest affine-inlier correspondences accepted
+
+    def __post_init__(self) -> None:
+        if self.elastix not in ELASTIX_PRESETS:
+            raise InputError(f"sam+elastix preset: unknown elastix preset '{self.elastix}' (known: {', '.join(ELASTIX_PRESETS)})")
+        if self.sam not in sam.PRESETS:
+            raise InputError(f"sam+elastix preset: unknown sam preset '{self.sam}' (known: {', '.join(sam.PRESETS)})")
+        if not self.points_weights or any(not w >= 0 for w in self.points_weights):
+            raise InputError(f"sam+elastix preset: points_weights must be >= 0, one per resolution, got {self.points_weights}")
+        if isinstance(self.min_points, bool) or not isinstance(self.min_points, int) or self.min_points < 4:
+            raise InputError(f"sam+elastix preset: min_points must be an integer >= 4 (an affine), got {self.min_points!r}")
 
 
 PRESETS: dict[str, SamElastixPreset] = {
@@ -103,11 +114,8 @@ def register_sam_elastix(
         InputError: unknown preset or stage, too few reliable or affine-consistent SAM correspondences.
     """
     start = time.perf_counter()
-    name = preset or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise InputError(f"unknown sam+elastix preset '{name}' (known: {', '.join(PRESETS)})")
-    cfg = PRESETS[name]
-    sam_cfg = sam.PRESETS[cfg.sam]
+    name, cfg = choose_preset(PRESETS, preset, DEFAULT_PRESET, "sam+elastix")
+    _, sam_cfg = choose_preset(sam.PRESETS, cfg.sam, sam.DEFAULT_PRESET, "sam")
     wanted = sam.parse_stages(stages, STAGES, "sam+elastix")
     if "affine" not in wanted:
         raise InputError("sam+elastix needs the affine stage (it initialises elastix); stages: affine[,bspline]")
@@ -132,6 +140,7 @@ def register_sam_elastix(
     extras: dict[str, Any] = {
         "stages": wanted,
         "preset": name,
+        "preset_settings": preset_settings(cfg),
         "sam_preset": cfg.sam,
         "correspondences": {"matched": int(len(corr.fixed)), "kept": int(corr.valid.sum()), "to_elastix": 0},
         "affine": sam.affine_summary(fit),

@@ -13,7 +13,7 @@ import SimpleITK as sitk  # noqa: E402
 
 from regsam import __version__  # noqa: E402
 from regsam.errors import InputError  # noqa: E402
-from regsam.register.api import METHODS, register, run_register_command  # noqa: E402
+from regsam.register.api import METHODS, MethodSpec, register, run_register_command  # noqa: E402
 from regsam.register.result import RegistrationResult  # noqa: E402
 
 # itk's SWIG modules warn on import under Python 3.12+ style checks; not our concern.
@@ -49,9 +49,17 @@ def identity_method(fixed, moving, *, preset=None, fixed_mask=None, moving_mask=
     return result
 
 
+def stand_in(name, run, options=(), presets=("p", "q"), uses_masks=("fixed", "moving")) -> MethodSpec:
+    """A registry entry for a stand-in method (default preset ``q``)."""
+    return MethodSpec(
+        name=name, run=run, presets=presets, default_preset=presets[-1], options=frozenset(options),
+        uses_masks=frozenset(uses_masks), summary="test stand-in",
+    )
+
+
 @pytest.fixture
 def identity(monkeypatch):
-    monkeypatch.setitem(METHODS, "identity", identity_method)
+    monkeypatch.setitem(METHODS, "identity", stand_in("identity", identity_method, options=("alpha",)))
     return "identity"
 
 
@@ -117,7 +125,7 @@ def test_method_returning_a_field_off_the_fixed_grid_is_caught(monkeypatch):
     def bad(fixed, moving, **kwargs):
         return RegistrationResult(shift_field(moving), sitk.Cast(moving, sitk.sitkFloat32), "bad")
 
-    monkeypatch.setitem(METHODS, "bad", bad)
+    monkeypatch.setitem(METHODS, "bad", stand_in("bad", bad))
     with pytest.raises(RuntimeError, match="not on the fixed grid"):
         register(volume(), volume(size=(10, 10, 10)), method="bad")
 

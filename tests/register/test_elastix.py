@@ -127,7 +127,7 @@ def tre(result: RegistrationResult, case: dict, interpolation: str = "linear") -
 # ------------------------------------------------------------------ presets
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_files_parse_and_describe_the_intended_pipeline(preset):
-    maps = [read_parameter_map(CONFIG_DIR / name) for name in PRESETS[preset]]
+    maps = [read_parameter_map(CONFIG_DIR / name) for name in PRESETS[preset].files]
     assert [m["Transform"][0] for m in maps] == ["AffineTransform", "BSplineTransform"]
     bspline = maps[1]
     assert bspline["Metric"] == ["AdvancedNormalizedCorrelation", "TransformBendingEnergyPenalty"]
