@@ -221,7 +221,7 @@ def check_holdout(data_files: Sequence[str], holdout: Sequence[str], bases: Sequ
                 held[path] = held[Path(path).name] = entry
         except InputError:
             continue
-    sizes = {os.path.getsize(p): p for p in held if os.path.isfile(p)}
+    sizes = {os.path.getsize(p): p for p in held if os.path.isabs(p) and os.path.isfile(p)}
     digests: dict[str, str] = {}
     for path in data_files:
         entry = held.get(path) or held.get(Path(path).name)

@@ -174,14 +174,6 @@ class ACEObjective:
         return torch.cat(losses).mean(), (float(np.mean(wins)) if wins else float("nan"))
 
     # ------------------------------------------------------------ local consistency
-    def local_targets(self, composed: _Tokens, composed_affine: np.ndarray, composed_size, parts: _Tokens,
-                      part_affines: list[np.ndarray], part_size, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Correspondence matrices of one pair at one level: composed -> parts (Nc, G * Np) and parts -> composed
-        (G * Np, Nc) (rows sum to 1, or 0 where the point has no counterpart)."""
-        down = correspondence(composed.world, part_affines, part_size, factor)
-        up = correspondence(parts.world, [composed_affine], composed_size, factor)
-        return down, up
-
     def _direction(self, query: _Tokens, keys: _Tokens, key_affines: list[np.ndarray], key_size, factor: int,
                    ignore_mm: float, n_queries: int):
         """Soft InfoNCE of ``query`` tokens (all, or ``n_queries`` drawn at random among those with a counterpart)
