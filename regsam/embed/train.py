@@ -1,11 +1,15 @@
-"""Train a SAM embedder: ``train_embedder(config, out_dir)`` or ``python -m regsam.embed.train``.
+"""Train an embedder: ``train_embedder(config, out_dir)`` or ``python -m regsam.embed.train``.
+
+The objective is SAM, ACE, Adam or a weighted combination (``objective.name: [sam, ace]``; see
+:mod:`regsam.embed.objectives`). ``data`` lists the training scans, ``holdout`` the scans kept for evaluation:
+training refuses a held-out scan (same path, file name or content; :func:`check_holdout`).
 
 Single process, or data-parallel under ``torchrun --nproc_per_node=N -m regsam.embed.train ...``
 (detected through ``RANK``/``WORLD_SIZE``; gloo on CPU, nccl on CUDA; every rank draws its own views,
 only rank 0 writes). Output folder::
 
     config.yaml      the full configuration (defaults filled in; data entries as written)
-    log.csv          step, loss, fine, coarse, lr, seconds, <other objective components>
+    log.csv          step, loss, <2 objective components>, lr, seconds, <other components> (SAM: fine, coarse)
     checkpoint.pt    latest checkpoint (model, optimizer, every rank's random state), written atomically
     weights.pt       final weights (:func:`regsam.embed.model.save_weights`)
 
@@ -32,9 +36,10 @@ from typing import Any
 import torch
 import yaml
 
+from regsam.data.fetch import fetch_sample_ct
 from regsam.embed.crops import CropConfig, Scan, TwoViewSampler, load_scan
 from regsam.devices import resolve_device
-from regsam.embed.model import SAMEmbedder, save_weights
+from regsam.embed.model import SAMEmbedder, load_embedder, save_weights
 from regsam.embed.objectives import build_objective, objective_config
 from regsam.embed.objectives.base import GroupForward
 from regsam.embed.objectives.sam import SAMLossConfig
@@ -149,8 +154,6 @@ def load_config(config: str | os.PathLike | dict) -> tuple[dict, list[Path]]:
 
 def _load_init_weights(model: torch.nn.Module, path: str) -> None:
     """Copy the weights of ``path`` into ``model`` (same architecture), or raise InputError."""
-    from regsam.embed.model import load_embedder
-
     source = load_embedder(path, device="cpu")
     try:
         model.load_state_dict(source.state_dict())
@@ -239,8 +242,6 @@ def load_scans(paths: Sequence[str], crops: CropConfig) -> list[Scan]:
     scans = []
     for path in paths:
         if path == SAMPLE_CT:
-            from regsam.data.fetch import fetch_sample_ct
-
             path = str(fetch_sample_ct()["ct"])
         scans.append(
             load_scan(path, spacing_mm=crops.scan_spacing_mm, hu_window=crops.hu_window, foreground_hu=crops.foreground_hu)
@@ -569,7 +570,7 @@ def train_embedder(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m regsam.embed.train --config C --out DIR [--resume] [--max-steps N] [--device D]``."""
-    parser = argparse.ArgumentParser(prog="python -m regsam.embed.train", description="Train a SAM embedder.")
+    parser = argparse.ArgumentParser(prog="python -m regsam.embed.train", description="Train an embedder (SAM, ACE, Adam or a weighted combination).")
     parser.add_argument("--config", required=True, help="YAML config (e.g. regsam/configs/embedder/sam_chest.yaml)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, log.csv, weights.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

@@ -52,9 +52,14 @@ def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_with_two_gloo_processes(tiny, tmp_path):
+@pytest.mark.parametrize("combined", [False, True], ids=["sam", "sam+ace+adam"])
+def test_torchrun_with_two_gloo_processes(tiny, tmp_path, combined):
+    config = tiny(max_steps=2, checkpoint_every=1)
+    if combined:  # several input groups per step, still one DDP forward (GroupForward)
+        sam = {k: v for k, v in config["objective"].items() if k != "name"}
+        config["objective"] = {"name": ["sam", "ace", "adam"], "sam": sam, "ace": {"fine_queries": 64}}
     config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(tiny(max_steps=2, checkpoint_every=1)))
+    config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "regsam.embed.train", "--config", str(config_path), "--out", str(tmp_path / "ddp"), "--max-steps", "2", "--no-progress"]

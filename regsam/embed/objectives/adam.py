@@ -76,7 +76,7 @@ class _Nodes:
     own: (K, C) unit descriptors from each part's own input; whole: (K, C) view 1 pooled over the box;
     other: (K, C) view 2 pooled over the box, ``other_ok`` (K,) where it covers enough; ``sums`` (K, C) and
     ``counts`` (K,) the unnormalised token sums behind ``own``; ``pair``, ``level``, ``scan`` (K,) ints;
-    ``lo``/``hi`` (K, 3) world AABB (mm); ``box`` (K, 2, 3) view-1 voxel box; ``children``: parent -> list.
+    ``lo``/``hi`` (K, 3) world-mm axis-aligned bounding box of the part; ``children``: node -> its child nodes.
     """
 
     own: torch.Tensor
