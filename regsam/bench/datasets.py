@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from regsam.data.fetch import cache_root, fetch_sample_ct
+from regsam.data.prepare import prepare_dataset
+from regsam.data.simulate import SimulationConfig, simulate_case_from_file
 from regsam.errors import InputError
 
 #: DIR-Lab 4DCT cases 1-5: in-plane spacing (mm; z is 2.5) and published mean landmark motion (mm).
@@ -89,8 +91,6 @@ def _ct_tag(ct: Path) -> str:
 
 
 def _simulate_cases(root, tag, ct_path, labels_path, landmarks, cases, rigid_offset, spacing_mm, progress) -> list[Path]:
-    from regsam.data.simulate import SimulationConfig, simulate_case_from_file
-
     folders = []
     for case_id in cases:
         folder = root / f"{tag}_case{case_id:02d}"
@@ -118,7 +118,5 @@ def _simulate_cases(root, tag, ct_path, labels_path, landmarks, cases, rigid_off
 
 def prepared_cases(dataset: str, root: str | os.PathLike, out: str | os.PathLike) -> list[Path]:
     """Validate and convert a user's DIR-Lab 4DCT / COPDGene download into case folders under ``out/cases``."""
-    from regsam.data.prepare import prepare_dataset
-
     cases = prepare_dataset(dataset, Path(root), Path(out) / "cases")
     return [case.path for case in cases]

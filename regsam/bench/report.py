@@ -14,6 +14,7 @@ import numpy as np
 
 from regsam.bench.rows import peak_memory_mb
 from regsam.io.atomic import atomic_path
+from regsam.io.images import to_lps
 
 POINT_SET = "points"
 
@@ -171,8 +172,6 @@ def slice_figure(case_info: dict, row: dict, run_dir: Path, path: Path) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
-
-    from regsam.io.images import to_lps
 
     case_path = Path(case_info["path"])
     warped_path = run_dir / "warped.nii.gz"
