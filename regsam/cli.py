@@ -1,7 +1,8 @@
 """The ``regsam`` command. Each subcommand is a thin wrapper over one module.
 
 Bad input anywhere surfaces as :class:`regsam.errors.InputError`; it is printed
-as one line on stderr and the command exits with code 2.
+as one line on stderr and the command exits with code 2. A registration method that
+fails inside (:class:`regsam.register.methods.MethodFailure`) is one line too, exit code 1.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from regsam.errors import InputError
+from regsam.register.methods import METHODS, MethodFailure, get_method
 
 
 def _floats(text: str, count: int | None, what: str) -> tuple[float, ...]:
@@ -110,9 +112,26 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------- register
+#: ``regsam register`` flags that are method options (MethodSpec.options), flag name -> option name
+_REGISTER_OPTION_FLAGS = {"--stages": "stages", "--device": "device", "--weights": "weights"}
+
+
+def _methods_taking(option: str) -> str:
+    return ", ".join(name for name, spec in METHODS.items() if option in spec.options)
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     from regsam.register.api import run_register_command
 
+    spec = get_method(args.method)
+    given = {flag: option for flag, option in _REGISTER_OPTION_FLAGS.items() if getattr(args, option)}
+    refused = [flag for flag, option in given.items() if option not in spec.options]
+    if refused:
+        takes = [flag for flag, option in _REGISTER_OPTION_FLAGS.items() if option in spec.options]
+        raise InputError(
+            f"--method {spec.name} does not take {', '.join(refused)} "
+            f"(of {', '.join(_REGISTER_OPTION_FLAGS)} it takes {', '.join(takes) or 'none'})"
+        )
     out = run_register_command(
         Path(args.fixed),
         Path(args.moving),
@@ -121,7 +140,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
         preset=args.preset,
         fixed_mask_path=Path(args.fixed_mask) if args.fixed_mask else None,
         moving_mask_path=Path(args.moving_mask) if args.moving_mask else None,
-        options={k: v for k, v in (("stages", args.stages), ("device", args.device), ("weights", args.weights)) if v},
+        options={option: getattr(args, option) for option in given.values()},
+        nan_value=args.nan_value,
     )
     print(f"wrote {out}")
     return 0
@@ -132,16 +152,26 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fixed", help="fixed image (the grid of the result)")
     p.add_argument("moving", help="moving image")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", default="elastix",
-                   help="registration method: elastix, sam, sam+elastix, convexadam (default: elastix)")
-    p.add_argument("--preset", default=None, help="method preset, e.g. lung or fast for elastix and sam+elastix")
-    p.add_argument("--fixed-mask", default=None, help="mask of the fixed image (non-zero inside)")
-    p.add_argument("--moving-mask", default=None, help="mask of the moving image (non-zero inside)")
+    p.add_argument("--method", default="elastix", metavar="{" + ",".join(METHODS) + "}",
+                   help=f"registration method (default: elastix): {', '.join(METHODS)}")
+    presets = "; ".join(f"{spec.name}: {', '.join(spec.presets)} (default {spec.default_preset})" for spec in METHODS.values())
+    p.add_argument("--preset", default=None, help=f"method preset: {presets}")
+    p.add_argument("--fixed-mask", default=None,
+                   help=f"mask of the fixed image (non-zero inside); used by {_masks_users('fixed')}")
+    p.add_argument("--moving-mask", default=None,
+                   help=f"mask of the moving image (non-zero inside); used by {_masks_users('moving')}")
     p.add_argument("--stages", default=None,
-                   help="comma-separated stages to run: sam affine,coarse,deformable; sam+elastix affine,bspline")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="sam, sam+elastix, convexadam: torch device")
-    p.add_argument("--weights", default=None, help="sam, sam+elastix: embedder weights file (default: shipped weights)")
+                   help=f"comma-separated stages to run, e.g. affine,bspline ({_methods_taking('stages')})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help=f"torch device ({_methods_taking('device')})")
+    p.add_argument("--weights", default=None,
+                   help=f"embedder weights file, default the shipped weights ({_methods_taking('weights')})")
+    p.add_argument("--nan-value", type=float, default=None, metavar="HU",
+                   help="replace NaN/inf voxels of the images by HU (e.g. -1024) instead of refusing them")
     p.set_defaults(func=_cmd_register)
+
+
+def _masks_users(mask: str) -> str:
+    return ", ".join(name for name, spec in METHODS.items() if mask in spec.uses_masks)
 
 
 # ---------------------------------------------------------------- apply a result
@@ -203,7 +233,7 @@ def _bench_case_dirs(args: argparse.Namespace) -> list[Path]:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from regsam.bench.runner import parse_methods, run_benchmark
 
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods, task=args.task)
     case_dirs = _bench_case_dirs(args)
     run_benchmark(case_dirs, methods, args.out, task=args.task, timeout_s=args.timeout)
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -335,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"regsam: error: {exc}", file=sys.stderr)
         return 2
+    except MethodFailure as exc:
+        print(f"regsam: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from regsam.data.case import Case, load_case
 from regsam.data.masks import threshold_masks
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
+from regsam.register.methods import METHODS, get_method
 from regsam.io.images import read_image
 from regsam.io.transforms import jacobian_summary, read_displacement_field
 from regsam.util import json_default, last_line
@@ -39,8 +40,12 @@ DEFAULT_METHODS = ("elastix:lung",)
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    """A method and its preset as written on the command line: ``elastix:fast``, ``sam`` or ``sam+elastix:fast``."""
+class MethodChoice:
+    """A method and its preset as written on the command line: ``elastix:fast``, ``sam`` or ``sam+elastix:fast``.
+
+    The method is a key of the registry :data:`regsam.register.methods.METHODS`; the preset is
+    checked against it only for ``--task register`` (``--task match`` has its own presets, e.g. ``sam:cycle``).
+    """
 
     method: str
     preset: str | None = None
@@ -50,23 +55,25 @@ class MethodSpec:
         return f"{self.method}:{self.preset}" if self.preset else self.method
 
     @classmethod
-    def parse(cls, text: str) -> MethodSpec:
-        from regsam.register.api import METHODS
-
+    def parse(cls, text: str, task: str | None = None) -> MethodChoice:
+        """``METHOD[:PRESET]``; with ``task="register"`` the preset must be one of the method's."""
         method, _, preset = text.strip().partition(":")
         if not method:
             raise InputError(f"empty method name in '{text}'")
         if method not in METHODS:
-            raise InputError(f"unknown method '{method}' in '{text.strip()}' (known: {', '.join(sorted(METHODS))})")
+            raise InputError(f"unknown method '{method}' in '{text.strip()}' (known: {', '.join(METHODS)})")
+        if task == "register" and preset:
+            METHODS[method].check_call(preset, {}, {})
         return cls(method, preset or None)
 
 
-def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
+def parse_methods(text: str | Sequence[str], task: str | None = None) -> list[MethodChoice]:
+    """Comma-separated ``METHOD[:PRESET]`` (see :meth:`MethodChoice.parse`); at least one."""
     items = text.split(",") if isinstance(text, str) else list(text)
-    specs = [MethodSpec.parse(item) for item in items if item.strip()]
-    if not specs:
+    choices = [MethodChoice.parse(item, task) for item in items if item.strip()]
+    if not choices:
         raise InputError("no method given")
-    return specs
+    return choices
 
 
 def find_case_folders(root: str | os.PathLike) -> list[Path]:
@@ -88,7 +95,7 @@ def _write_json(data: dict, path: Path) -> None:
 
 
 def run_registration_process(
-    case: Case, spec: MethodSpec, out_dir: Path, extra_args: Sequence[str] = (), timeout_s: float | None = None
+    case: Case, spec: MethodChoice, out_dir: Path, extra_args: Sequence[str] = (), timeout_s: float | None = None
 ) -> tuple[float, str | None]:
     """Run ``regsam register`` for one case in a child process; return (wall seconds, error or None)."""
     cmd = [sys.executable, "-m", "regsam.cli", "register", str(case.fixed), str(case.moving), "--out", str(out_dir)]
@@ -97,8 +104,8 @@ def run_registration_process(
         cmd += ["--preset", spec.preset]
     if case.fixed_mask is not None:
         cmd += ["--fixed-mask", str(case.fixed_mask)]
-    if case.moving_mask is not None:
-        cmd += ["--moving-mask", str(case.moving_mask)]
+    if case.moving_mask is not None and "moving" in get_method(spec.method).uses_masks:
+        cmd += ["--moving-mask", str(case.moving_mask)]  # a method refuses a mask it does not use
     cmd += list(extra_args)
     start = time.perf_counter()
     try:
@@ -151,7 +158,7 @@ def _row_done(run_dir: Path) -> dict | None:
 
 def run_benchmark(
     case_dirs: Iterable[Path],
-    methods: Sequence[MethodSpec],
+    methods: Sequence[MethodChoice],
     out: str | os.PathLike,
     task: str = "register",
     timeout_s: float | None = None,
@@ -199,7 +206,7 @@ def run_benchmark(
     return results
 
 
-def _run_one(case: Case, spec: MethodSpec, out: Path, task: str, timeout_s, rerun_failed: bool, say, prefix: str) -> dict:
+def _run_one(case: Case, spec: MethodChoice, out: Path, task: str, timeout_s, rerun_failed: bool, say, prefix: str) -> dict:
     run_dir = out / "runs" / case.name / spec.label.replace(":", "_")
     done = _row_done(run_dir)
     if done is not None and (done.get("status") == "ok" or not rerun_failed):

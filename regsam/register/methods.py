@@ -156,7 +156,7 @@ METHODS: dict[str, MethodSpec] = {
             summary="itk-elastix, affine then B-spline, after the elastix model zoo's Par0011 "
             "(parameter files in `configs/elastix/`)",
             preset_table="regsam.register.presets:ELASTIX_PRESETS",
-            mask_note="elastix draws its samples inside the masks",
+            mask_note="elastix samples inside them",
         ),
         MethodSpec(
             name="sam",
@@ -169,7 +169,7 @@ METHODS: dict[str, MethodSpec] = {
             "(MONAI LNCC + bending energy at 8, 4 and 2 mm, the SAM embedding term at 8 mm; the 2 mm level's "
             "displacement lives on a 4 mm control grid); 20/20/10 steps, `accurate` 20/40/30",
             preset_table="regsam.register.sam:PRESETS",
-            mask_note="the fixed mask weights the deformable similarity (default: an automatic body mask)",
+            mask_note="weights the deformable similarity; default: an automatic body mask",
         ),
         MethodSpec(
             name="sam+elastix",
@@ -183,7 +183,7 @@ METHODS: dict[str, MethodSpec] = {
             "`CorrespondingPointsEuclideanDistanceMetric` (relative weight 0.5, 0.25 at the two coarsest "
             "resolutions, 0 after)",
             preset_table="regsam.register.sam_elastix:PRESETS",
-            mask_note="the masks go to elastix",
+            mask_note="passed to elastix",
         ),
         MethodSpec(
             name="convexadam",
@@ -194,7 +194,7 @@ METHODS: dict[str, MethodSpec] = {
             uses_masks=frozenset(MASKS),
             summary="ConvexAdam (convexadam 0.2.0, MIND-SSC); no affine stage",
             preset_table="regsam.register.presets:CONVEXADAM_PRESETS",
-            mask_note="both masks or none (a single mask is not used, as recorded in summary.json)",
+            mask_note="both or none: one alone is not used",
         ),
     )
 }
@@ -216,8 +216,10 @@ def resolve_preset(method: str, name: str | None) -> tuple[str, Any]:
 
 def methods_table_markdown() -> str:
     """The README's method table (markdown), from :data:`METHODS`."""
-    rows = ["| method | presets | what it is |", "| --- | --- | --- |"]
+    rows = ["| method | presets | masks | what it is |", "| --- | --- | --- | --- |"]
     for spec in METHODS.values():
         presets = ", ".join(f"`{p}`" + (" (default)" if p == spec.default_preset else "") for p in spec.presets)
-        rows.append(f"| `{spec.name}` | {presets} | {spec.summary} |")
+        masks = ", ".join(m for m in MASKS if m in spec.uses_masks) or "none"
+        note = f" ({spec.mask_note})" if spec.mask_note else ""
+        rows.append(f"| `{spec.name}` | {presets} | {masks}{note} | {spec.summary} |")
     return "\n".join(rows) + "\n"
