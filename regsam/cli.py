@@ -101,10 +101,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--motion", choices=["landmarks", "parametric"], default=None,
                    help="lung motion model (default: landmarks when --motion-landmarks is given, else parametric)")
-    p.add_argument("--motion-landmarks", nargs=2, metavar=("T00", "T50"), help="DIR-Lab _xyz.txt pair driving the lung motion")
+    p.add_argument("--motion-landmarks", nargs=2, metavar=("T00", "T50"),
+                   help="DIR-Lab _xyz.txt pair driving the lung motion")
     p.add_argument("--motion-spacing", help="SX,SY,SZ voxel spacing (mm) of the landmark files' scan")
     p.add_argument("--rigid-offset", help="MM,DEGREES: extra rigid misalignment (translation length, rotation angle)")
-    p.add_argument("--amplitude", type=float, default=None, help="peak diaphragm motion in mm (default: from landmarks, or 15 mm)")
+    p.add_argument("--amplitude", type=float, default=None,
+                   help="peak diaphragm motion in mm (default: from landmarks, or 15 mm)")
     p.add_argument("--noise-hu", type=float, default=20.0, help="std of added scanner noise (HU)")
     p.add_argument("--spacing", type=float, default=None, help="resample the CT to this isotropic spacing (mm) first")
     p.add_argument("--labels", default=None, help="optional organ label image of the CT (used for the body/lung masks)")
@@ -154,7 +156,9 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--method", default="elastix", metavar="{" + ",".join(METHODS) + "}",
                    help=f"registration method (default: elastix): {', '.join(METHODS)}")
-    presets = "; ".join(f"{spec.name}: {', '.join(spec.presets)} (default {spec.default_preset})" for spec in METHODS.values())
+    presets = "; ".join(
+        f"{spec.name}: {', '.join(spec.presets)} (default {spec.default_preset})" for spec in METHODS.values()
+    )
     p.add_argument("--preset", default=None, help=f"method preset: {presets}")
     p.add_argument("--fixed-mask", default=None,
                    help=f"mask of the fixed image (non-zero inside); used by {_masks_users('fixed')}")
@@ -162,7 +166,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help=f"mask of the moving image (non-zero inside); used by {_masks_users('moving')}")
     p.add_argument("--stages", default=None,
                    help=f"comma-separated stages to run, e.g. affine,bspline ({_methods_taking('stages')})")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help=f"torch device ({_methods_taking('device')})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help=f"torch device ({_methods_taking('device')})")
     p.add_argument("--weights", default=None,
                    help=f"embedder weights file, default the shipped weights ({_methods_taking('weights')})")
     p.add_argument("--nan-value", type=float, default=None, metavar="HU",
@@ -194,7 +199,8 @@ def _add_apply(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="image in moving space (CT, labels, mask)")
     p.add_argument("--transform", required=True, help="result folder of 'regsam register', a field file, or a .tfm")
     p.add_argument("--out", required=True, help="output image")
-    p.add_argument("--interpolator", choices=["linear", "nearest", "bspline"], default="linear", help="nearest for labels")
+    p.add_argument("--interpolator", choices=["linear", "nearest", "bspline"], default="linear",
+                   help="nearest for labels")
     p.add_argument("--reference", default=None, help="fixed image giving the output grid (default: the field's grid)")
     p.set_defaults(func=_cmd_warp)
 
@@ -247,7 +253,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", default=None, help="download folder for --dataset dirlab4dct/copdgene")
     p.add_argument("--landmarks", default=None, help="DIR-Lab landmark folder driving sim4dct motion")
     p.add_argument("--ct", action="append", default=None, metavar="CT",
-                   help="build sim4dct from this CT instead of the sample CT (repeatable; e.g. scans the embedder never saw)")
+                   help="build sim4dct from this CT instead of the sample CT "
+                        "(repeatable; e.g. scans the embedder never saw)")
     p.add_argument("--sim-cases", default="1,2,3,4,5", metavar="K,K",
                    help="DIR-Lab cases whose motion drives the sim4dct pairs (default 1,2,3,4,5)")
     p.add_argument("--rigid-offset", default=None, metavar="MM,DEG",
@@ -282,7 +289,8 @@ def _cmd_train_embedder(args: argparse.Namespace) -> int:
 
     from regsam.embed.commands import train_embedder_command
 
-    path = train_embedder_command(args.config, args.out, resume=args.resume, max_steps=args.max_steps, device=args.device,
+    path = train_embedder_command(args.config, args.out, resume=args.resume, max_steps=args.max_steps,
+                                  device=args.device,
                                   progress=not args.no_progress, init_weights=args.init_weights)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"weights: {path}")
@@ -292,7 +300,8 @@ def _cmd_train_embedder(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from regsam.embed.commands import embed_command
 
-    print(f"wrote {embed_command(args.image, args.out, weights=args.weights, device=args.device, spacing_mm=args.spacing)}")
+    out = embed_command(args.image, args.out, weights=args.weights, device=args.device, spacing_mm=args.spacing)
+    print(f"wrote {out}")
     return 0
 
 
@@ -323,12 +332,15 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--weights", default=None, help="embedder weights (default: shipped regsam/weights/sam_chest.pt)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--spacing", type=float, default=None, help="network input spacing in mm (default: the model's, 2 mm)")
+    p.add_argument("--spacing", type=float, default=None,
+                   help="network input spacing in mm (default: the model's, 2 mm)")
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("match", help="find template points in a target image by embedding similarity; writes x,y,z,score,valid")
+    p = sub.add_parser("match",
+                       help="find template points in a target image by embedding similarity; writes x,y,z,score,valid")
     p.add_argument("--template", required=True, help="image the points are given in")
-    p.add_argument("--points", required=True, help="points file: .csv (x,y,z mm), _xyz.txt, elastix .txt/.pts, .mrk.json, .fcsv")
+    p.add_argument("--points", required=True,
+                   help="points file: .csv (x,y,z mm), _xyz.txt, elastix .txt/.pts, .mrk.json, .fcsv")
     p.add_argument("--target", required=True, help="image to find the points in")
     p.add_argument("--out", required=True, help="output CSV: x,y,z (mm, in the target),score,valid")
     p.add_argument("--weights", default=None, help="embedder weights (default: shipped regsam/weights/sam_chest.pt)")

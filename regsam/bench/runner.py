@@ -31,9 +31,9 @@ from regsam.data.case import Case, load_case
 from regsam.data.masks import threshold_masks
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
-from regsam.register.methods import METHODS, get_method
 from regsam.io.images import read_image
 from regsam.io.transforms import jacobian_summary, read_displacement_field
+from regsam.register.methods import METHODS, get_method
 from regsam.util import json_default, last_line
 
 DEFAULT_METHODS = ("elastix:lung",)
@@ -206,7 +206,9 @@ def run_benchmark(
     return results
 
 
-def _run_one(case: Case, spec: MethodChoice, out: Path, task: str, timeout_s, rerun_failed: bool, say, prefix: str) -> dict:
+def _run_one(
+    case: Case, spec: MethodChoice, out: Path, task: str, timeout_s, rerun_failed: bool, say, prefix: str
+) -> dict:
     run_dir = out / "runs" / case.name / spec.label.replace(":", "_")
     done = _row_done(run_dir)
     if done is not None and (done.get("status") == "ok" or not rerun_failed):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,6 +22,8 @@ from regsam.util import last_line
 
 #: HU value used outside the scanned field of view (air).
 AIR_HU = -1024.0
+#: SimpleITK pixel types that can hold NaN or infinite values.
+FLOAT_PIXEL_IDS = (sitk.sitkFloat32, sitk.sitkFloat64)
 
 
 def _describe(path: Path) -> str:
@@ -33,10 +35,12 @@ def check_volume(image: sitk.Image, name: str = "image") -> sitk.Image:
     if image.GetDimension() != 3:
         raise InputError(f"{name} is {image.GetDimension()}D; a 3D volume is required")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar image is required")
+        raise InputError(
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar image is required"
+        )
     if min(image.GetSize()) < 2:
         raise InputError(f"{name} has size {image.GetSize()}; a 3D volume needs at least 2 voxels along each axis")
-    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+    if image.GetPixelID() in FLOAT_PIXEL_IDS:
         if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
             raise InputError(f"{name} contains NaN or infinite values")
     return image
@@ -69,9 +73,9 @@ def _nifti_nonfinite(path: Path, label: str) -> np.ndarray | None:
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))  # reads the header only
+        image: Any = nib.load(str(path))  # reads the header only
         proxy = image.dataobj
-        offset = int(proxy.offset)  # type: ignore[attr-defined]
+        offset = int(proxy.offset)
         shape = tuple(int(s) for s in proxy.shape)
         dtype = np.dtype(image.header.get_data_dtype())
     except Exception:  # noqa: BLE001 - not parseable by nibabel: SimpleITK's reader gives the error line
@@ -163,7 +167,7 @@ def read_image(path: str | os.PathLike, name: str | None = None, *, nan_value: f
                 "'regsam register --nan-value HU' replaces them)"
             )
         image = replace_nonfinite(image, nan_value, nonfinite)
-    elif nan_value is not None and nonfinite is None and scalar_3d and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+    elif nan_value is not None and nonfinite is None and scalar_3d and image.GetPixelID() in FLOAT_PIXEL_IDS:
         image = replace_nonfinite(image, nan_value)
     return check_volume(image, label)
 
@@ -194,7 +198,8 @@ def read_raw_volume(
     actual = path.stat().st_size
     if actual != expected:
         raise InputError(
-            f"{path.name}: {actual} bytes, expected {expected} for {tuple(size)} voxels of {np.dtype(dtype).name} (truncated or wrong case?)"
+            f"{path.name}: {actual} bytes, expected {expected} for {tuple(size)} voxels of {np.dtype(dtype).name} "
+            "(truncated or wrong case?)"
         )
     data = np.fromfile(path, dtype=dtype).reshape(tuple(reversed(size)))
     image = sitk.GetImageFromArray(data.astype(data.dtype.newbyteorder("=")))
@@ -233,9 +238,8 @@ def resample_to_spacing(
     if default_value is None:
         unsigned = image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64)
         default_value = 0.0 if unsigned else AIR_HU
-    if np.isscalar(spacing):
-        spacing = (float(spacing),) * 3
-    spacing = tuple(float(s) for s in spacing)
+    values = np.asarray(spacing, dtype=np.float64).ravel()  # a number, a sequence or an array
+    spacing = (float(values[0]),) * 3 if values.size == 1 else tuple(float(s) for s in values)
     old_spacing = np.array(image.GetSpacing())
     old_size = np.array(image.GetSize())
     new_size = np.maximum(1, np.round(old_size * old_spacing / np.array(spacing))).astype(int)

@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from regsam.errors import InputError
-from regsam.io.images import check_volume, read_image, replace_nonfinite, same_grid
+from regsam.io.images import FLOAT_PIXEL_IDS, check_volume, read_image, replace_nonfinite, same_grid
 from regsam.register.methods import METHODS, MethodFailure, MethodSpec, get_method, resolve_preset
 from regsam.register.result import RegistrationResult
 
@@ -64,7 +64,9 @@ def check_mask(mask: sitk.Image, image: sitk.Image, name: str) -> sitk.Image:
     if mask.GetDimension() != 3:
         raise InputError(f"{name} is {mask.GetDimension()}D; a 3D mask is required")
     if mask.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{name} has {mask.GetNumberOfComponentsPerPixel()} components per voxel; a scalar mask is required")
+        raise InputError(
+            f"{name} has {mask.GetNumberOfComponentsPerPixel()} components per voxel; a scalar mask is required"
+        )
     if not same_grid(mask, image):
         raise InputError(
             f"{name} is not on its image's grid (mask size {mask.GetSize()}, spacing "
@@ -78,7 +80,7 @@ def check_mask(mask: sitk.Image, image: sitk.Image, name: str) -> sitk.Image:
 
 def _load(value: object, name: str, nan_value: float | None = None) -> sitk.Image:
     if isinstance(value, sitk.Image):
-        scalar_float = value.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) and value.GetDimension() == 3
+        scalar_float = value.GetPixelID() in FLOAT_PIXEL_IDS and value.GetDimension() == 3
         if nan_value is not None and scalar_float:
             value = replace_nonfinite(value, nan_value)
         return check_volume(value, name)
@@ -133,7 +135,9 @@ def register(
     spec.check_call(preset, options, {"fixed": fixed_mask, "moving": moving_mask})
     fixed_img = _load(fixed, "fixed image", nan_value)
     moving_img = _load(moving, "moving image", nan_value)
-    fixed_mask_img = check_mask(_load(fixed_mask, "fixed mask"), fixed_img, "fixed mask") if fixed_mask is not None else None
+    fixed_mask_img = (
+        check_mask(_load(fixed_mask, "fixed mask"), fixed_img, "fixed mask") if fixed_mask is not None else None
+    )
     moving_mask_img = (
         check_mask(_load(moving_mask, "moving mask"), moving_img, "moving mask") if moving_mask is not None else None
     )

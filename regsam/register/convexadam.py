@@ -100,7 +100,9 @@ def _config(preset: str | None, options: dict) -> tuple[str, ConvexAdamPreset]:
     known = [f.name for f in dataclasses.fields(cfg)]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise InputError(f"unknown convexadam option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}, device)")
+        raise InputError(
+            f"unknown convexadam option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}, device)"
+        )
     return name, dataclasses.replace(cfg, **options)
 
 
@@ -113,7 +115,8 @@ def _mask_file(mask: sitk.Image, grid: sitk.Image, multiple: int, folder: str, n
     """A NIfTI whose nibabel array equals the mask's (z, y, x) array on the padded working grid."""
     import nibabel as nib
 
-    on = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkUInt8), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    binary = sitk.Cast(mask != 0, sitk.sitkUInt8)
+    on = sitk.Resample(binary, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     arr = _pad_to(sitk.GetArrayFromImage(on).astype(np.float32), multiple, mode="constant")
     if not arr.any():
         raise InputError(f"{name} is empty on the convexadam working grid")
@@ -163,8 +166,9 @@ def register_convexadam(
     else:
         work = tf.corner_aligned_grid(fixed, float(cfg.spacing_mm))
     spacing = np.array(work.GetSpacing())
-    fixed_w = sitk.Resample(antialias(fixed_f, spacing), work, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
-    moving_w = sitk.Resample(antialias(moving_f, spacing), work, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    identity = sitk.Transform()
+    fixed_w = sitk.Resample(antialias(fixed_f, spacing), work, identity, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    moving_w = sitk.Resample(antialias(moving_f, spacing), work, identity, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
     shape = tf.grid_shape(work)
     multiple = math.lcm(cfg.grid_sp, cfg.grid_sp_adam)
     if any(s < 2 * cfg.grid_sp + 1 for s in shape):
@@ -220,7 +224,9 @@ def register_convexadam(
         on_work.CopyInformation(fixed)
         displacement = on_work
     else:
-        displacement = sitk.Resample(on_work, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+        displacement = sitk.Resample(
+            on_work, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True
+        )
     timings["field"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -335,7 +335,9 @@ def add_points_metric(pmap: dict[str, list[str]], weights: float | Sequence[floa
     if len(values) == 1:
         values = values * levels
     if len(values) != levels or not all(np.isfinite(values)) or any(v < 0 for v in values):
-        raise InputError(f"points weights: expected 1 or {levels} finite values >= 0 (one per resolution), got {values}")
+        raise InputError(
+            f"points weights: expected 1 or {levels} finite values >= 0 (one per resolution), got {values}"
+        )
     metrics = list(pmap.get("Metric", []))
     if POINTS_METRIC in metrics:
         raise InputError(f"the {pmap['Transform'][0]} stage already has a {POINTS_METRIC}")
@@ -361,7 +363,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _log_error(log: str) -> str | None:
-    """The error line of an elastix log (its exception's ``Description:``), without ITK's ``ITK ERROR: Class(0x..):`` prefix."""
+    """The error line of an elastix log (its exception's ``Description:``), less ITK's ``ITK ERROR: Class(0x..):``."""
     match = re.findall(r"Description:\s*(.+)", log)
     if not match:
         return None
@@ -558,11 +560,14 @@ def register_elastix(
         ]
         unknown = [t for t in targets if t not in names]
         if unknown or not targets:
-            raise InputError(f"points_stages: unknown or no stage(s) {', '.join(unknown) or '(none)'} (stages: {', '.join(names)})")
+            raise InputError(
+                f"points_stages: unknown or no stage(s) {', '.join(unknown) or '(none)'} (stages: {', '.join(names)})"
+            )
         used_weights = {}
         for pmap, name in zip(pmaps, names):
             if name in targets:
-                used_weights[name] = [float(v) for v in pmap[_weight_key(pmap, add_points_metric(pmap, points_weights))]]
+                key = _weight_key(pmap, add_points_metric(pmap, points_weights))
+                used_weights[name] = [float(v) for v in pmap[key]]
         point_pairs = (fixed_pts, moving_pts, set(targets))
     initial_maps = [linear_to_parameter_map(initial_transform, fixed)] if initial_transform is not None else []
 
@@ -671,13 +676,16 @@ def register_elastix(
     warped = warp_image(moving_f, fixed_f, displacement, "linear", AIR_HU)
     timings["warp"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - setup_start
-    grid = next((m.get("GridSize") for m in final_maps if m["Transform"][0] in ("BSplineTransform", "RecursiveBSplineTransform")), None)
+    bspline = ("BSplineTransform", "RecursiveBSplineTransform")
+    grid = next((m.get("GridSize") for m in final_maps if m["Transform"][0] in bspline), None)
     extras = {
         "elastix": {
             "stages": stage_info,
             "bspline_grid_size": [int(g) for g in grid] if grid else None,
             "overrides": {str(k): _values(v) for k, v in (overrides or {}).items()},
-            "stage_overrides": {s: {str(k): _values(v) for k, v in o.items()} for s, o in (stage_overrides or {}).items()},
+            "stage_overrides": {
+                s: {str(k): _values(v) for k, v in o.items()} for s, o in (stage_overrides or {}).items()
+            },
             "preset_settings": preset_values,
             "seed": seed,
             "initial_transform": initial_transform is not None,

@@ -72,7 +72,7 @@ class MethodSpec:
         if self.default_preset not in self.presets:
             raise ValueError(f"method {self.name}: default preset {self.default_preset!r} not in {self.presets}")
         if not self.uses_masks <= set(MASKS):
-            raise ValueError(f"method {self.name}: uses_masks must be a subset of {MASKS}, got {sorted(self.uses_masks)}")
+            raise ValueError(f"method {self.name}: uses_masks must be within {MASKS}, got {sorted(self.uses_masks)}")
 
     def load_presets(self) -> Mapping[str, Any]:
         """The method's preset table (imports the module that holds it)."""
@@ -87,7 +87,9 @@ class MethodSpec:
         refused = sorted(set(options) - self.options)
         if refused:
             takes = ", ".join(sorted(self.options)) or "none"
-            raise InputError(f"method '{self.name}' does not take the option(s) {', '.join(refused)} (it takes: {takes})")
+            raise InputError(
+                f"method '{self.name}' does not take the option(s) {', '.join(refused)} (it takes: {takes})"
+            )
         unused = [m for m in MASKS if masks.get(m) is not None and m not in self.uses_masks]
         if unused:
             uses = " and ".join(f"a {m} mask" for m in MASKS if m in self.uses_masks) or "no mask"

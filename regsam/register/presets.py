@@ -60,7 +60,9 @@ class ElastixPreset:
             raise InputError("elastix preset: at least one parameter file is needed")
         missing = [f for f in self.files if not (ELASTIX_CONFIG_DIR / f).is_file()]
         if missing:
-            raise InputError(f"elastix preset: parameter file(s) not found in {ELASTIX_CONFIG_DIR}: {', '.join(missing)}")
+            raise InputError(
+                f"elastix preset: parameter file(s) not found in {ELASTIX_CONFIG_DIR}: {', '.join(missing)}"
+            )
 
     @property
     def paths(self) -> list[Path]:
@@ -77,7 +79,7 @@ ELASTIX_DEFAULT_PRESET = "lung"
 # ------------------------------------------------------------------ ConvexAdam
 @dataclass(frozen=True)
 class ConvexAdamPreset:
-    """Settings of ``convex_adam_pt`` (convexadam 0.2.0) plus the working grid; see :mod:`regsam.register.convexadam`."""
+    """Settings of ``convex_adam_pt`` (convexadam 0.2.0) and the working grid; see :mod:`regsam.register.convexadam`."""
 
     spacing_mm: float | None  # isotropic working grid (mm); None: the fixed grid
     lambda_weight: float  # diffusion regularisation of the Adam stage
@@ -97,7 +99,9 @@ class ConvexAdamPreset:
         _check_int(owner, "selected_niter", self.selected_niter, 0)
         _check_int(owner, "selected_smooth", self.selected_smooth, 0)
         if self.selected_smooth % 2 == 0 and self.selected_smooth:
-            raise InputError(f"convexadam: selected_smooth must be 0 or odd (a box-filter size), got {self.selected_smooth}")
+            raise InputError(
+                f"convexadam: selected_smooth must be 0 or odd (a box-filter size), got {self.selected_smooth}"
+            )
         if self.spacing_mm is not None and not float(self.spacing_mm) > 0:
             raise InputError(f"convexadam: spacing_mm must be positive, got {self.spacing_mm}")
         if not float(self.lambda_weight) >= 0:

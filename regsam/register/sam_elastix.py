@@ -62,13 +62,18 @@ class SamElastixPreset:
 
     def __post_init__(self) -> None:
         if self.elastix not in ELASTIX_PRESETS:
-            raise InputError(f"sam+elastix preset: unknown elastix preset '{self.elastix}' (known: {', '.join(ELASTIX_PRESETS)})")
+            known = ", ".join(ELASTIX_PRESETS)
+            raise InputError(f"sam+elastix preset: unknown elastix preset '{self.elastix}' (known: {known})")
         if self.sam not in sam.PRESETS:
             raise InputError(f"sam+elastix preset: unknown sam preset '{self.sam}' (known: {', '.join(sam.PRESETS)})")
         if not self.points_weights or any(not w >= 0 for w in self.points_weights):
-            raise InputError(f"sam+elastix preset: points_weights must be >= 0, one per resolution, got {self.points_weights}")
+            raise InputError(
+                f"sam+elastix preset: points_weights must be >= 0, one per resolution, got {self.points_weights}"
+            )
         if isinstance(self.min_points, bool) or not isinstance(self.min_points, int) or self.min_points < 4:
-            raise InputError(f"sam+elastix preset: min_points must be an integer >= 4 (an affine), got {self.min_points!r}")
+            raise InputError(
+                f"sam+elastix preset: min_points must be an integer >= 4 (an affine), got {self.min_points!r}"
+            )
 
 
 PRESETS: dict[str, SamElastixPreset] = {
@@ -94,7 +99,9 @@ def register_sam_elastix(
     points_weights: float | Sequence[float] | None = None,
     elastix_options: dict[str, Any] | None = None,
 ) -> RegistrationResult:
-    """Register ``moving`` onto ``fixed``: SAM affine, then elastix B-spline with SAM points (images validated by ``api.register``).
+    """Register ``moving`` onto ``fixed``: SAM affine, then elastix B-spline with SAM points.
+
+    The images are assumed validated by ``api.register``.
 
     Args:
         preset: ``lung`` (default) or ``fast``: the elastix preset of the B-spline stage (:data:`PRESETS`).
