@@ -10,7 +10,7 @@ DeviceLike = str | torch.device | None
 
 
 def resolve_device(device: DeviceLike = None) -> torch.device:
-    """``'cpu'``, ``'cuda'``, ``'cuda:N'`` or a ``torch.device`` -> ``torch.device``; ``None``: CUDA when available, else CPU.
+    """``'cpu'``, ``'cuda'``, ``'cuda:N'`` or a ``torch.device`` -> ``torch.device``; ``None``: CUDA if there, else CPU.
 
     Raises:
         InputError: an unparseable name, a device type other than CPU/CUDA, or CUDA asked for but absent.

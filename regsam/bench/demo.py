@@ -31,7 +31,9 @@ def run_demo(out: Path, methods: str = DEMO_METHODS, seed: int = 0) -> Path:
     case_dir = out / "cases" / "demo_case"
     if not (case_dir / "meta.json").is_file():
         say(f"simulating a breathing pair from {sample['ct']} ...")
-        config = SimulationConfig(seed=seed, motion="parametric", amplitude_mm=DEMO_AMPLITUDE_MM, spacing_mm=DEMO_SPACING_MM)
+        config = SimulationConfig(
+            seed=seed, motion="parametric", amplitude_mm=DEMO_AMPLITUDE_MM, spacing_mm=DEMO_SPACING_MM
+        )
         simulate_case_from_file(sample["ct"], case_dir, config, body_label_image=sample["labels"])
     run_benchmark([case_dir], parse_methods(methods), out, progress=say)
     return out / "report.html"

@@ -119,7 +119,8 @@ def match_case(case, preset: str | None, run_dir: str | os.PathLike, device: str
             kept_share[name] = float(result.valid.mean())
             point_sets[name]["kept_share"] = kept_share[name]
             if result.valid.any():
-                point_sets[f"{name}_kept"] = {"tre": summarize_errors(errors[result.valid]), "errors": errors[result.valid].tolist()}
+                kept = errors[result.valid]
+                point_sets[f"{name}_kept"] = {"tre": summarize_errors(kept), "errors": kept.tolist()}
         write_matches_csv(result, run_dir / f"matched_{name}.csv")
     timings["match_s"] = time.perf_counter() - t
     voxels = {k: int(np.prod(e.image_geometry.GetSize())) for k, e in (("fixed", fixed_emb), ("moving", moving_emb))}
@@ -162,7 +163,9 @@ def run_match_task(case, spec, run_dir: str | os.PathLike) -> dict:
 
 def main(argv=None) -> int:
     """``python -m regsam.bench.match_task CASE_DIR RUN_DIR [--preset P]``: writes RUN_DIR/match.json."""
-    parser = argparse.ArgumentParser(prog="python -m regsam.bench.match_task", description="score SAM matching on one case")
+    parser = argparse.ArgumentParser(
+        prog="python -m regsam.bench.match_task", description="score SAM matching on one case"
+    )
     parser.add_argument("case")
     parser.add_argument("run_dir")
     parser.add_argument("--preset", default=None)

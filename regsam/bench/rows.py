@@ -18,8 +18,9 @@ def summarize_rows(rows: list[dict], point_set: str = "points") -> dict[str, dic
     """Per method: mean over cases of each case's TRE statistics, wall time and memory (successful rows only)."""
     summary: dict[str, dict] = {}
     for method in dict.fromkeys(row["method"] for row in rows):
-        ok = [r for r in rows if r["method"] == method and r.get("status") == "ok" and point_set in r.get("point_sets", {})]
-        entry: dict = {"cases_ok": len(ok), "cases_failed": sum(1 for r in rows if r["method"] == method and r.get("status") != "ok")}
+        mine = [r for r in rows if r["method"] == method]
+        ok = [r for r in mine if r.get("status") == "ok" and point_set in r.get("point_sets", {})]
+        entry: dict = {"cases_ok": len(ok), "cases_failed": sum(1 for r in mine if r.get("status") != "ok")}
         if ok:
             all_errors = np.concatenate([r["point_sets"][point_set]["errors"] for r in ok])
             entry["tre_mean_of_cases"] = float(np.mean([r["point_sets"][point_set]["tre"]["mean"] for r in ok]))

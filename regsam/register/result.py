@@ -256,7 +256,8 @@ class RegistrationResult:
         try:
             warped = sitk.ReadImage(str(root / WARPED_FILE))
         except RuntimeError as exc:
-            raise InputError(f"{root / WARPED_FILE}: cannot read image ({last_line(exc, 'unknown error', 160)})") from None
+            reason = last_line(exc, "unknown error", 160)
+            raise InputError(f"{root / WARPED_FILE}: cannot read image ({reason})") from None
         affine = read_affine(root / AFFINE_FILE) if (root / AFFINE_FILE).is_file() else None
         return cls(
             displacement=displacement,

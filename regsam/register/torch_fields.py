@@ -107,7 +107,9 @@ def image_to_tensor(image: sitk.Image, device: DeviceLike = "cpu", dtype: torch.
 
 
 # ------------------------------------------------------------------ fields
-def field_to_local_mm(field: sitk.Image, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def field_to_local_mm(
+    field: sitk.Image, device: DeviceLike = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """World displacement field -> (1, 3, D, H, W) mm along the grid's index axes, channels z, y, x."""
     clean = check_displacement_field(field)
     arr = sitk.GetArrayViewFromImage(clean)  # (d, h, w, 3) world x, y, z
@@ -120,7 +122,9 @@ def local_mm_to_field(local: torch.Tensor, reference: sitk.Image) -> sitk.Image:
     """(1, 3, D, H, W) mm along index axes (z, y, x channels) -> ``sitkVectorFloat64`` world field on ``reference``."""
     arr = local.detach().to("cpu", torch.float64).numpy().reshape((3,) + tuple(local.shape[-3:]))
     if arr.shape[1:] != grid_shape(reference):
-        raise InputError(f"field tensor shape {arr.shape[1:]} does not match the reference grid {grid_shape(reference)}")
+        raise InputError(
+            f"field tensor shape {arr.shape[1:]} does not match the reference grid {grid_shape(reference)}"
+        )
     xyz = arr[::-1].transpose(1, 2, 3, 0)  # (d, h, w, 3) along index x, y, z
     world = xyz @ direction_matrix(reference).T
     out = sitk.GetImageFromArray(np.ascontiguousarray(world), isVector=True)
@@ -194,7 +198,9 @@ def sample_world(
     """
     vol = values if values.dim() == 5 else values[None]
     if vol.dim() != 5 or tuple(vol.shape[-3:]) != grid_shape(source):
-        raise InputError(f"values of shape {tuple(values.shape)} do not lie on a grid of (D, H, W) = {grid_shape(source)}")
+        raise InputError(
+            f"values of shape {tuple(values.shape)} do not lie on a grid of (D, H, W) = {grid_shape(source)}"
+        )
     points = world_points(target)  # (d, h, w, 3)
     if transform is not None:
         disp = sitk.GetArrayFromImage(transform_to_field(transform, target))
