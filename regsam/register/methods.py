@@ -45,8 +45,8 @@ class MethodSpec:
     Attributes:
         name: the ``--method`` name.
         run: ``run(fixed, moving, *, preset, fixed_mask, moving_mask, **options) -> RegistrationResult``;
-            it gets validated images, a known preset name, only ``options`` it takes, and ``None``
-            for masks it does not use.
+            it gets validated images, a known preset name, only ``options`` it takes, and no mask it
+            does not use.
         presets: the preset names, default first as listed in the README (the table itself is
             ``preset_table``; a test checks that the two agree).
         default_preset: the preset used when none is given.
