@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from regsam.errors import InputError
-from regsam.register.methods import METHODS, MethodFailure, get_method
+from regsam.register.methods import DEFAULT_BENCH_METHODS, DEFAULT_METHOD, METHODS, MethodFailure, get_method
 
 
 def _floats(text: str, count: int | None, what: str) -> tuple[float, ...]:
@@ -154,8 +154,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("fixed", help="fixed image (the grid of the result)")
     p.add_argument("moving", help="moving image")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", default="elastix", metavar="{" + ",".join(METHODS) + "}",
-                   help=f"registration method (default: elastix): {', '.join(METHODS)}")
+    p.add_argument("--method", default=DEFAULT_METHOD, metavar="{" + ",".join(METHODS) + "}",
+                   help=f"registration method (default: {DEFAULT_METHOD}): {', '.join(METHODS)}")
     presets = "; ".join(
         f"{spec.name}: {', '.join(spec.presets)} (default {spec.default_preset})" for spec in METHODS.values()
     )
@@ -214,7 +214,7 @@ def _add_apply(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------- bench
 def _bench_case_dirs(args: argparse.Namespace) -> list[Path]:
-    from regsam.bench.datasets import prepared_cases, sim4dct_cases
+    from regsam.bench.datasets import prepared_cases, sim4dct_cases, thorax4dct_cases
     from regsam.bench.runner import find_case_folders
 
     if args.cases and args.dataset:
@@ -229,11 +229,16 @@ def _bench_case_dirs(args: argparse.Namespace) -> list[Path]:
             source_cts=args.ct,
             progress=lambda t: print(t, file=sys.stderr, flush=True),
         )
+    if args.dataset == "thorax4dct":
+        return thorax4dct_cases(
+            landmarks_dir=args.landmarks, source_cts=args.ct, offsets=True,
+            progress=lambda t: print(t, file=sys.stderr, flush=True),
+        )
     if args.dataset in ("dirlab4dct", "copdgene"):
         if not args.root:
             raise InputError(f"--dataset {args.dataset} needs --root (the folder of your download)")
         return prepared_cases(args.dataset, args.root, args.out)
-    raise InputError("give --cases DIR or --dataset sim4dct|dirlab4dct|copdgene")
+    raise InputError("give --cases DIR or --dataset sim4dct|thorax4dct|dirlab4dct|copdgene")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -249,17 +254,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run methods on case folders and write TRE reports")
     p.add_argument("--cases", default=None, help="a case folder or a folder of case folders")
-    p.add_argument("--dataset", choices=["sim4dct", "dirlab4dct", "copdgene"], default=None)
+    p.add_argument("--dataset", choices=["sim4dct", "thorax4dct", "dirlab4dct", "copdgene"], default=None,
+                   help="thorax4dct: full-chest breathing pairs with 15-40 mm motion and sliding lungs "
+                        "(held-out LIDC CT)")
     p.add_argument("--root", default=None, help="download folder for --dataset dirlab4dct/copdgene")
     p.add_argument("--landmarks", default=None, help="DIR-Lab landmark folder driving sim4dct motion")
     p.add_argument("--ct", action="append", default=None, metavar="CT",
-                   help="build sim4dct from this CT instead of the sample CT "
+                   help="build sim4dct/thorax4dct from this CT instead of the default "
                         "(repeatable; e.g. scans the embedder never saw)")
     p.add_argument("--sim-cases", default="1,2,3,4,5", metavar="K,K",
                    help="DIR-Lab cases whose motion drives the sim4dct pairs (default 1,2,3,4,5)")
     p.add_argument("--rigid-offset", default=None, metavar="MM,DEG",
                    help="sim4dct with an extra rigid misalignment (translation length, rotation angle)")
-    p.add_argument("--methods", default="elastix:lung", help="comma-separated METHOD[:PRESET] (default elastix:lung)")
+    p.add_argument("--methods", default=",".join(DEFAULT_BENCH_METHODS),
+                   help=f"comma-separated METHOD[:PRESET] (default {','.join(DEFAULT_BENCH_METHODS)})")
     p.add_argument("--task", choices=["register", "match"], default="register")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per (case, method)")
     p.add_argument("--out", required=True, help="report folder")

@@ -4,6 +4,12 @@
 embedder never saw) and cached: five breathing pairs per CT, each driven by the motion of
 one DIR-Lab 4DCT case (1-5) when the DIR-Lab landmark files are available, otherwise by the
 parametric breathing model with the same five amplitudes.
+
+``thorax4dct`` is the users' case: full-chest CTs at their native in-plane resolution (slices
+resampled to the 2.5 mm of a 4DCT), large breathing motion (15-40 mm at the lung base: DIR-Lab
+cases fitted to the CT's lungs and amplified, and the parametric model), lungs that slide along
+the chest wall, and 30 mm / 10 deg offset twins of two pairs. Its default CT is
+``lidc_idri_0314_chest`` from ``../shared/data/ct_more``, which is held out of every training set.
 """
 
 from __future__ import annotations
@@ -29,6 +35,19 @@ DIRLAB_MOTIONS = {
 }
 SIM4DCT_VERSION = "v1"
 SIM4DCT_SPACING_MM = 2.0
+
+THORAX4DCT_VERSION = "v1"
+#: slice spacing of the thorax pairs (mm), as in DIR-Lab 4DCT; the in-plane spacing stays the CT's own
+THORAX4DCT_SLICE_MM = 2.5
+#: (pair name, DIR-Lab case driving it or None for the parametric model, peak head-feet lung motion mm, offset twin)
+THORAX4DCT_MOTIONS: tuple[tuple[str, int | None, float, bool], ...] = (
+    ("dirlab1_22mm", 1, 22.0, False),
+    ("dirlab3_30mm", 3, 30.0, True),
+    ("dirlab4_38mm", 4, 38.0, False),
+    ("parametric_28mm", None, 28.0, True),
+)
+THORAX4DCT_OFFSET = (30.0, 10.0)
+HELD_OUT_CHEST = "lidc_idri_0314_chest.nii.gz"
 
 
 def default_dirlab_landmarks_dir() -> Path | None:
@@ -79,6 +98,75 @@ def sim4dct_cases(
     for tag, ct_path, labels_path in sources:
         folders += _simulate_cases(root, tag, ct_path, labels_path, landmarks, cases, rigid_offset, spacing_mm, progress)
     return folders
+
+
+def default_thorax_ct() -> Path | None:
+    """The held-out full-chest CT: ``$REGSAM_THORAX_CT``, else ``../shared/data/ct_more/lidc_idri_0314_chest.nii.gz`` from the cwd."""
+    env = os.environ.get("REGSAM_THORAX_CT")
+    candidate = Path(env) if env else Path.cwd().parent / "shared" / "data" / "ct_more" / HELD_OUT_CHEST
+    return candidate if candidate.is_file() else None
+
+
+def thorax4dct_cases(
+    cache_dir: str | os.PathLike | None = None,
+    landmarks_dir: str | os.PathLike | None = None,
+    source_cts: Sequence[str | os.PathLike] | None = None,
+    motions: Sequence[str] | None = None,
+    offsets: bool = True,
+    progress=None,
+) -> list[Path]:
+    """Build (once) and return the full-thorax breathing pairs (see the module docstring).
+
+    Args:
+        landmarks_dir: DIR-Lab landmark folder (default :func:`default_dirlab_landmarks_dir`); without it
+            the DIR-Lab-driven pairs are refused (the parametric pair needs none).
+        source_cts: full-chest CTs (default :func:`default_thorax_ct`).
+        motions: names from :data:`THORAX4DCT_MOTIONS` (default all).
+        offsets: also build the 30 mm / 10 deg offset twins (folder names end in ``_offset``).
+    """
+    table = {name: (case, amp, twin) for name, case, amp, twin in THORAX4DCT_MOTIONS}
+    wanted = list(motions) if motions else list(table)
+    unknown = [m for m in wanted if m not in table]
+    if unknown or not wanted:
+        raise InputError(f"thorax4dct motions must be among {', '.join(table)}, got {', '.join(unknown) or '(none)'}")
+    landmarks = Path(landmarks_dir) if landmarks_dir else default_dirlab_landmarks_dir()
+    if any(table[m][0] is not None for m in wanted) and (landmarks is None or not (landmarks / "Case1_300_T00_xyz.txt").is_file()):
+        raise InputError("thorax4dct needs the DIR-Lab landmark files (--landmarks DIR or $REGSAM_DIRLAB_LANDMARKS)")
+    cts = [Path(ct) for ct in source_cts] if source_cts else [default_thorax_ct()]
+    if cts[0] is None:
+        raise InputError(f"no full-chest CT found for thorax4dct ({HELD_OUT_CHEST} in ../shared/data/ct_more); give --ct")
+    root = cache_root(cache_dir) / f"thorax4dct-{THORAX4DCT_VERSION}"
+    folders = []
+    for ct in cts:
+        tag = _ct_tag(ct)
+        spacing = _thorax_spacing(ct)
+        for seed, name in enumerate(wanted, start=1):
+            case, amplitude, twin = table[name]
+            for offset in ((None, THORAX4DCT_OFFSET) if twin and offsets else (None,)):
+                folder = root / f"{tag}_{name}{'_offset' if offset else ''}"
+                if not (folder / "meta.json").is_file():
+                    if progress:
+                        progress(f"simulating {folder.name} ...")
+                    config = SimulationConfig(
+                        seed=seed, motion="landmarks" if case else "parametric",
+                        motion_landmarks=(landmarks / f"Case{case}_300_T00_xyz.txt", landmarks / f"Case{case}_300_T50_xyz.txt") if case else None,
+                        motion_spacing=DIRLAB_MOTIONS[case][0] if case else None,
+                        amplitude_mm=amplitude, rigid_offset=offset, spacing_mm=spacing, sliding=True,
+                    )
+                    simulate_case_from_file(ct, folder, config)
+                folders.append(folder)
+    return folders
+
+
+def _thorax_spacing(ct: Path) -> tuple[float, float, float]:
+    """The CT's own in-plane spacing and 4DCT slices (never finer than the CT's own slices)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(ct))
+    reader.ReadImageInformation()
+    sx, sy, sz = reader.GetSpacing()
+    return float(sx), float(sy), max(float(sz), THORAX4DCT_SLICE_MM)
 
 
 def _ct_tag(ct: Path) -> str:

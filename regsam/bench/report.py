@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from regsam.bench.motion import motion_summary, motion_table_markdown
 from regsam.bench.rows import peak_memory_mb
 from regsam.io.atomic import atomic_path
 from regsam.io.images import to_lps
@@ -110,6 +111,17 @@ def _html_table(rows: list[dict[str, str]]) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(row[key])}</td>" for _, key in _COLUMNS) + "</tr>" for row in rows
     )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+MOTION_NOTE = ("Landmarks binned by their true motion |moving - fixed|; 'along' is the mean residual along the true "
+               "motion direction (mm): negative = the method stops short of the motion (undershoot).")
+
+
+def _markdown_to_html_table(table: str) -> str:
+    lines = [line.strip().strip("|").split("|") for line in table.splitlines() if line.strip()]
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in lines[2:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -227,7 +239,11 @@ def write_reports(results: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     per_case, summary = table_rows(results), summary_rows(results)
     title = f"regsam benchmark ({results.get('task', 'register')})"
     md = [f"# {title}", "", "TRE in mm on the `points` set; folding = % of body voxels with det J <= 0.", ""]
-    md += ["## Summary", "", markdown_table(summary), "", "## Per case", "", markdown_table(per_case), ""]
+    md += ["## Summary", "", markdown_table(summary), ""]
+    motion_md = motion_table_markdown(results) if motion_summary(results) else ""
+    if motion_md:
+        md += ["## TRE by true motion", "", MOTION_NOTE, "", motion_md, ""]
+    md += ["## Per case", "", markdown_table(per_case), ""]
     if boxplot:
         md += ["## TRE per case", "", f"![TRE box plot]({boxplot.relative_to(out)})", ""]
     for case, method, picture in pictures:
@@ -241,6 +257,7 @@ def write_reports(results: dict, out: str | os.PathLike) -> tuple[Path, Path]:
         "<p>TRE in mm on the <code>points</code> set; folding = % of body voxels with det J &lt;= 0.</p>",
         "<h2>Summary</h2>",
         _html_table(summary),
+        *(["<h2>TRE by true motion</h2>", f"<p>{html.escape(MOTION_NOTE)}</p>", _markdown_to_html_table(motion_md)] if motion_md else []),
         "<h2>Per case</h2>",
         _html_table(per_case),
     ]

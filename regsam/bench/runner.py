@@ -24,19 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+from regsam.bench.motion import motion_bins
 from regsam.bench.report import write_reports
 from regsam.bench.rows import summarize_rows
-from regsam.bench.tre import map_and_score, summarize_errors
+from regsam.bench.tre import summarize_errors, target_registration_error
 from regsam.data.case import Case, load_case
 from regsam.data.masks import threshold_masks
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
 from regsam.io.images import read_image
-from regsam.io.transforms import jacobian_summary, read_displacement_field
-from regsam.register.methods import METHODS, get_method
+from regsam.io.transforms import jacobian_summary, map_points, read_displacement_field
+from regsam.register.methods import DEFAULT_BENCH_METHODS, METHODS, get_method
 from regsam.util import json_default, last_line
 
-DEFAULT_METHODS = ("elastix:lung",)
+DEFAULT_METHODS = DEFAULT_BENCH_METHODS
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,10 @@ def score_registration(case: Case, run_dir: Path) -> dict:
     field = read_displacement_field(run_dir / "disp.nii.gz")
     sets = {}
     for name, (fixed_pts, moving_pts) in case.point_sets.items():
-        errors = map_and_score(field, fixed_pts, moving_pts)
-        sets[name] = {"tre": summarize_errors(errors), "errors": errors.tolist()}
+        predicted = map_points(field, fixed_pts)
+        errors = target_registration_error(predicted, moving_pts)
+        sets[name] = {"tre": summarize_errors(errors), "errors": errors.tolist(),
+                      "motion_bins": motion_bins(fixed_pts, moving_pts, predicted)}
     try:
         body, _ = threshold_masks(read_image(case.fixed))
     except InputError:
@@ -246,4 +249,3 @@ def _run_one(
     main = row["point_sets"].get("points") or next(iter(row["point_sets"].values()))
     say(f"{prefix} {case.name} {spec.label}: TRE {main['tre']['mean']:.2f} mm, {row['wall_s']:.1f} s")
     return row
-

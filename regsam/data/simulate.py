@@ -36,7 +36,14 @@ upsampled to the image grid):
 
 Outside the lungs the motion fades to ``outside_weight`` (default 0.3) of the lung model with a
 Gaussian of the distance to the lungs (15 mm); the distance counts head-feet steps at 0.3, so the
-abdomen under the diaphragm follows the diaphragm for several cm while the chest wall slides.
+abdomen under the diaphragm follows the diaphragm for several cm.
+
+``sliding=True`` makes the lungs slide along the chest wall: the smooth lung model moves every fixed
+voxel whose image lies in the moving lungs; outside them the tissue next to the lung surface takes only
+the normal part of the lung motion (no gap, no overlap: the liver follows the diaphragm) and the
+tangential part jumps to zero (the ribs do not follow the lungs' head-feet glide), fading with distance
+as above. The two smooth fields are built and checked separately and joined on the image grid, so the
+jump is one voxel wide; the lung density change uses the smooth lung motion's det J.
 The blended field is smoothed (``smoothing_mm``); if the Jacobian determinant is not above
 ``min_jacobian`` everywhere (checked on the coarse grid and on the final image-grid field with
 ``sitk.DisplacementFieldJacobianDeterminant``) the field is smoothed more / scaled down and rebuilt.
@@ -84,6 +91,8 @@ MOTIONS = ("parametric", "landmarks")
 DEFAULT_AMPLITUDE_MM = 15.0
 #: quantisation step of the ground-truth field (mm); makes the float64 field compress ~3x
 FIELD_QUANTUM_MM = 2.0**-12
+SLIDING_NOTE = ("inside the fixed lungs the smooth lung motion; outside, next to the lung surface, only its normal part "
+                "(the tangential motion jumps: the lungs slide along the chest wall), fading to outside_weight of it")
 PHASES = {
     "moving": "inhale: the source CT (a full-inspiration breath-hold), unchanged except noise",
     "fixed": "exhale-like: simulated by pulling the source CT through gt_disp (diaphragm up, lungs denser)",
@@ -107,10 +116,12 @@ class SimulationConfig:
     amplitude_mm: float | None = None
     #: std of the Gaussian scanner noise added to each image (HU)
     noise_hu: float = 20.0
-    #: resample the CT to this isotropic spacing (mm) first; None keeps its grid
-    spacing_mm: float | None = None
+    #: resample the CT to this spacing (mm; one number: isotropic, or x, y, z) first; None keeps its grid
+    spacing_mm: float | tuple[float, float, float] | None = None
     #: motion outside the lungs, as a fraction of the lung motion, far from the lungs
     outside_weight: float = 0.3
+    #: the lungs slide along the chest wall: the tangential motion jumps at the lung surface
+    sliding: bool = False
     #: spacing of the grid the motion is computed on (mm)
     field_spacing_mm: float = 4.0
     #: Gaussian smoothing of the blended field (mm)
@@ -165,8 +176,10 @@ def _validate(config: SimulationConfig) -> SimulationConfig:
         raise InputError(f"amplitude must be in (0, 60] mm, got {config.amplitude_mm}")
     if not (np.isfinite(config.noise_hu) and config.noise_hu >= 0):
         raise InputError(f"noise must be >= 0 HU, got {config.noise_hu}")
-    if config.spacing_mm is not None and not (np.isfinite(config.spacing_mm) and config.spacing_mm > 0):
-        raise InputError(f"spacing must be a positive number of mm, got {config.spacing_mm}")
+    if config.spacing_mm is not None:
+        spacing = np.atleast_1d(np.asarray(config.spacing_mm, dtype=np.float64))
+        if spacing.size not in (1, 3) or not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+            raise InputError(f"spacing must be a positive number of mm (or three), got {config.spacing_mm}")
     if config.rigid_offset is not None:
         if len(config.rigid_offset) != 2 or not all(np.isfinite(config.rigid_offset)):
             raise InputError(f"rigid offset must be (mm, degrees), got {config.rigid_offset}")
@@ -319,7 +332,7 @@ def _landmark_motion(points: np.ndarray, lung_xyz: np.ndarray, config: Simulatio
     return u, info
 
 
-# ----------------------------------------------------------------------------- field construction
+# ----------------------------------------------------------------------------- motion helpers
 def _outside_weight_map(lung_coarse: np.ndarray, spacing: float, outside_weight: float, length_mm=15.0, z_factor=0.3) -> np.ndarray:
     """1 in the lungs, fading smoothly to ``outside_weight``; head-feet distance counts ``z_factor``."""
     if not lung_coarse.any():
@@ -418,6 +431,210 @@ class _PointSampler:
         return fixed_pts[inb], moving_pts[inb]
 
 
+# ----------------------------------------------------------------------------- sliding
+def _outward_normals(inside: np.ndarray, spacing: float, smoothing_mm: float = 6.0) -> np.ndarray:
+    """Unit outward normals (nz, ny, nx, 3; x, y, z order, grid axes) of a mask, from a smoothed signed distance."""
+    outside_d = ndimage.distance_transform_edt(~inside, sampling=spacing)
+    inside_d = ndimage.distance_transform_edt(inside, sampling=spacing)
+    signed = ndimage.gaussian_filter(outside_d - inside_d, smoothing_mm / spacing, mode="nearest")
+    grad = np.stack(np.gradient(signed, spacing)[::-1], axis=-1)  # array axes z, y, x -> components x, y, z
+    return grad / np.maximum(np.linalg.norm(grad, axis=-1, keepdims=True), 1e-6)
+
+
+def _sliding_outside_motion(u_in: np.ndarray, lung_fixed: np.ndarray, grid: sitk.Image, outside_weight: float,
+                            length_mm: float = 15.0, z_factor: float = 0.3) -> np.ndarray:
+    """Motion of the tissue outside the lungs when the lungs slide along the chest wall (coarse grid, mm).
+
+    Next to the lung surface the outside tissue takes only the *normal* part of the lung motion (no gap, no
+    overlap: the diaphragm and the liver under it follow the lung base, the ribs do not follow the lungs'
+    head-feet glide); with distance it fades to ``outside_weight`` of the lung model (as the non-sliding model).
+    The world axes are the grid axes up to the grid's direction, which :func:`simulate_case` keeps LPS-aligned.
+    """
+    direction = direction_matrix(grid)
+    normals = _outward_normals(lung_fixed, float(grid.GetSpacing()[0])) @ direction.T  # grid axes -> world
+    normal_part = np.sum(u_in * normals, axis=-1, keepdims=True) * normals
+    spacing = float(grid.GetSpacing()[0])
+    dist = ndimage.distance_transform_edt(~lung_fixed, sampling=(spacing * z_factor, spacing, spacing))
+    near = np.exp(-((dist / length_mm) ** 2))[..., None]
+    return near * normal_part + (1.0 - near) * outside_weight * u_in
+
+
+def _pull_mask(mask: np.ndarray, grid: sitk.Image, displacement: np.ndarray) -> np.ndarray:
+    """Fixed-space mask {x : x + u(x) inside ``mask``} of a coarse-grid mask and displacement (linear, > 0.5)."""
+    transform = sitk.DisplacementFieldTransform(_vector_image(displacement, grid))
+    pulled = sitk.Resample(sitk.Cast(_mask_image(mask, grid), sitk.sitkFloat32), grid, transform, sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(pulled) > 0.5
+
+
+# ----------------------------------------------------------------------------- field construction
+@dataclass
+class _Rigid:
+    rotation: np.ndarray
+    translation: np.ndarray
+    centre: np.ndarray
+    info: dict | None
+
+    def apply(self, points: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """The full map's displacement phi(x) - x for motion ``u`` at ``points`` (..., 3)."""
+        return (points + u - self.centre) @ self.rotation.T + self.centre + self.translation - points
+
+
+def _rigid_part(ct: sitk.Image, config: SimulationConfig, rng: np.random.Generator) -> _Rigid:
+    if config.rigid_offset is None:
+        return _Rigid(np.eye(3), np.zeros(3), np.zeros(3), None)
+    mm, deg = (float(v) for v in config.rigid_offset)
+    translation = mm * _random_unit(rng)
+    axis = _random_unit(rng)
+    centre = np.array(ct.TransformContinuousIndexToPhysicalPoint(((np.array(ct.GetSize()) - 1) / 2.0).tolist()))
+    info = {"translation_mm": translation.tolist(), "rotation_axis": axis.tolist(), "rotation_deg": deg, "centre_mm": centre.tolist(),
+            "map": "fixed x -> R (x + u(x) - centre) + centre + translation"}
+    return _Rigid(_rotation(axis, deg), translation, centre, info)
+
+
+def _lung_motion(ct: sitk.Image, lungs: sitk.Image, config: SimulationConfig) -> tuple[sitk.Image, np.ndarray, np.ndarray, dict]:
+    """The lung motion model on a coarse grid: (grid, moving-lung mask there, u (nz, ny, nx, 3) mm, info)."""
+    h = float(config.field_spacing_mm)
+    grid = _coarse_grid(ct, h)
+    lung_coarse_img = sitk.Resample(sitk.Cast(lungs, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, 0.0) > 0.5
+    lung_coarse = sitk.GetArrayFromImage(lung_coarse_img).astype(bool)
+    if lung_coarse.sum() < 20:
+        raise InputError(f"the lungs in this CT are too small to simulate breathing (fewer than 20 voxels of {h:g} mm)")
+    pts = _world_points(grid)
+    lung_xyz = pts[lung_coarse]
+    if config.motion == "parametric":
+        amplitude = float(config.amplitude_mm or DEFAULT_AMPLITUDE_MM)
+        u_lung, motion_info = _parametric_motion(pts, lung_xyz, amplitude)
+    else:
+        u_lung, motion_info = _landmark_motion(pts, lung_xyz, config)
+        if config.amplitude_mm is not None:
+            p99 = float(np.percentile(np.abs(u_lung[lung_coarse][:, 2]), 99))
+            u_lung *= config.amplitude_mm / max(p99, 1e-6)
+            motion_info["rescaled_by"] = config.amplitude_mm / max(p99, 1e-6)
+    return grid, lung_coarse, u_lung, motion_info
+
+
+@dataclass
+class _Field:
+    image: sitk.Image  # fixed -> moving displacement on the CT grid (VectorFloat64, quantised)
+    jacobian: sitk.Image  # det J of ``image`` (float32)
+    tissue_jacobian: sitk.Image  # det J of the smooth lung motion (the lung density change), == jacobian without sliding
+    fixed_lungs: np.ndarray | None  # sliding only: fixed-grid lung mask (bool, array order), else None
+    min_jacobian: float
+    history: list
+    scale: float
+    smoothing_mm: float
+
+
+def _full_field(coarse: np.ndarray, grid: sitk.Image, ct: sitk.Image) -> sitk.Image:
+    arr = _upsample_linear(coarse, grid, ct)
+    np.round(arr / FIELD_QUANTUM_MM, out=arr)
+    arr *= FIELD_QUANTUM_MM
+    return _vector_image(arr, ct)
+
+
+def _sliding_field(ct, lungs, grid, pts, u_in, lung_coarse, rigid, config, smoothing_mm) -> tuple[sitk.Image, sitk.Image, np.ndarray, float]:
+    """Inside the fixed lungs the smooth lung motion, outside :func:`_sliding_outside_motion`: the tangential motion jumps."""
+    lung_fixed = _pull_mask(lung_coarse, grid, u_in)
+    u_out = _sliding_outside_motion(u_in, lung_fixed, grid, config.outside_weight)
+    # 4 mm more smoothing than the lung motion: the normal part turns fast at the costophrenic angles
+    # (DIR-Lab case 3-5 motion at 30-38 mm folded there with the same smoothing; det J >= 0.2 with 10 mm)
+    sigma = (smoothing_mm + 4.0) / grid.GetSpacing()[0]
+    u_out = ndimage.gaussian_filter(u_out, sigma=(sigma,) * 3 + (0,), mode="nearest")
+    inside = _full_field(rigid.apply(pts, u_in), grid, ct)
+    # u_out is used outside the lungs only (inside them its normals, from a distance ridge, are meaningless)
+    out_min = float(sitk.GetArrayViewFromImage(_min_jacobian(_vector_image(u_out, grid))[1])[~lung_fixed].min())
+    tissue_min, tissue_jac = _min_jacobian(inside)
+    # the fixed lungs on the CT grid: where the lung motion lands inside the moving lungs
+    lung_img = sitk.Resample(sitk.Cast(lungs, sitk.sitkFloat32), ct, sitk.DisplacementFieldTransform(sitk.Image(inside)),
+                             sitk.sitkLinear, 0.0)
+    lungs_f = sitk.GetArrayFromImage(lung_img) > 0.5
+    arr = sitk.GetArrayFromImage(_full_field(rigid.apply(pts, u_out), grid, ct))
+    arr[lungs_f] = sitk.GetArrayViewFromImage(inside)[lungs_f]
+    return _vector_image(arr, ct), tissue_jac, lungs_f, min(out_min, tissue_min)
+
+
+def _breathing_field(ct: sitk.Image, lungs: sitk.Image, config: SimulationConfig, rigid: _Rigid) -> tuple[_Field, dict]:
+    """Blend, smooth and check the Jacobian of the motion; rebuild gentler (more smoothing, smaller) until it passes."""
+    grid, lung_coarse, u_lung, motion_info = _lung_motion(ct, lungs, config)
+    h = float(grid.GetSpacing()[0])
+    pts = _world_points(grid)
+    weight = None if config.sliding else _outside_weight_map(lung_coarse, h, config.outside_weight)[..., None]
+    scale, smoothing = 1.0, float(config.smoothing_mm)
+    history = []
+    for attempt in range(12):
+        u = u_lung * scale if weight is None else weight * u_lung * scale
+        if smoothing > 0:
+            u = ndimage.gaussian_filter(u, sigma=(smoothing / h,) * 3 + (0,), mode="nearest")
+        coarse_min, _ = _min_jacobian(_vector_image(u, grid))
+        if coarse_min <= max(0.2, config.min_jacobian):
+            history.append({"scale": scale, "smoothing_mm": smoothing, "coarse_min_jacobian": coarse_min})
+            if attempt % 2 == 0:
+                smoothing = smoothing * 1.5 + 2.0
+            else:
+                scale *= 0.8
+            continue
+        if config.sliding:
+            image, tissue_jac, lungs_f, min_jac = _sliding_field(ct, lungs, grid, pts, u, lung_coarse, rigid, config, smoothing)
+            _, jacobian = _min_jacobian(image)
+        else:
+            image = _full_field(rigid.apply(pts, u), grid, ct)
+            min_jac, jacobian = _min_jacobian(image)
+            tissue_jac, lungs_f = jacobian, None
+        history.append({"scale": scale, "smoothing_mm": smoothing, "coarse_min_jacobian": coarse_min, "min_jacobian": min_jac})
+        if min_jac > config.min_jacobian:
+            return _Field(image, jacobian, tissue_jac, lungs_f, min_jac, history, scale, smoothing), motion_info
+        scale *= 0.8
+    raise InputError("could not build a folding-free breathing field for this CT (min det J stayed <= "
+                     f"{config.min_jacobian}); try a smaller amplitude")
+
+
+# ----------------------------------------------------------------------------- images
+def _warp_masks(ct, body, lungs, transform, fixed_lungs: np.ndarray | None) -> tuple[np.ndarray, sitk.Image]:
+    """Fixed lungs (bool array) and body (image): the CT's masks pulled through the map (nearest neighbour)."""
+    label_arr = sitk.GetArrayFromImage(body).astype(np.uint8)
+    label_arr[sitk.GetArrayViewFromImage(lungs) > 0] = 2
+    warped = sitk.GetArrayFromImage(
+        sitk.Resample(_mask_image(label_arr, ct), ct, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    )
+    lung_f = warped == 2 if fixed_lungs is None else fixed_lungs
+    return lung_f, _mask_image((warped >= 1) | lung_f, ct)
+
+
+def _conserve_lung_mass(f_arr: np.ndarray, lung_f: np.ndarray, tissue_jacobian: sitk.Image) -> None:
+    """In place: rho_fixed = rho_moving(phi) * det J inside the fixed lungs, never denser than max(rho_moving, water)."""
+    jac_arr = sitk.GetArrayViewFromImage(tissue_jacobian)
+    rho_m = np.maximum(f_arr[lung_f] + 1000.0, 0.0) / 1000.0
+    rho_f = np.minimum(rho_m * jac_arr[lung_f], np.maximum(rho_m, 1.0))
+    f_arr[lung_f] = rho_f * 1000.0 - 1000.0
+
+
+def _noisy(array: np.ndarray, reference: sitk.Image, noise_hu: float, rng: np.random.Generator) -> sitk.Image:
+    """White Gaussian scanner noise inside the field of view; int16 HU image on ``reference``'s grid."""
+    out = array.astype(np.float32, copy=True)
+    if noise_hu > 0:
+        fov = out > FOV_PADDING_HU
+        out[fov] += rng.standard_normal(int(fov.sum()), dtype=np.float32) * np.float32(noise_hu)
+    image = sitk.GetImageFromArray(np.clip(np.rint(out), -32768, 32767).astype(np.int16))
+    image.CopyInformation(reference)
+    return image
+
+
+def _motion_numbers(ct: sitk.Image, field_img: sitk.Image, lung_f: np.ndarray) -> dict:
+    disp = sitk.GetArrayViewFromImage(field_img)
+    lung_disp = disp[lung_f]
+    norms = np.linalg.norm(lung_disp, axis=1)
+    lung_z = np.array([ct.TransformIndexToPhysicalPoint([0, 0, int(k)])[2] for k in range(ct.GetSize()[2])])
+    zz = np.broadcast_to(lung_z[:, None, None], lung_f.shape)[lung_f]
+    lo, hi = np.percentile(zz, [100 / 3, 200 / 3])
+    return {
+        "lung_max_displacement_mm": float(norms.max()),
+        "lung_mean_displacement_mm": float(norms.mean()),
+        "lung_p99_abs_uz_mm": float(np.percentile(np.abs(lung_disp[:, 2]), 99)),
+        "lung_mean_abs_uz_mm": {"inferior_third": float(np.abs(lung_disp[zz < lo, 2]).mean()),
+                                 "superior_third": float(np.abs(lung_disp[zz > hi, 2]).mean())},
+    }
+
+
 # ----------------------------------------------------------------------------- main entry
 def simulate_case(ct: sitk.Image, config: SimulationConfig | None = None, labels: sitk.Image | None = None) -> SimulatedPair:
     """Simulate an exhale-like fixed image from an inhale CT (the moving image) with exact ground truth.
@@ -442,109 +659,23 @@ def simulate_case(ct: sitk.Image, config: SimulationConfig | None = None, labels
     seeds = np.random.SeedSequence(int(config.seed)).spawn(5)
     rng_rigid, rng_noise_f, rng_noise_m, rng_points, rng_body = (np.random.default_rng(s) for s in seeds)
 
-    # --- lung model on the coarse grid
-    h = float(config.field_spacing_mm)
-    grid = _coarse_grid(ct, h)
-    lung_coarse_img = sitk.Resample(sitk.Cast(lungs, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, 0.0) > 0.5
-    lung_coarse = sitk.GetArrayFromImage(lung_coarse_img).astype(bool)
-    if lung_coarse.sum() < 20:
-        raise InputError(f"the lungs in this CT are too small to simulate breathing (fewer than 20 voxels of {h:g} mm)")
-    pts = _world_points(grid)
-    lung_xyz = pts[lung_coarse]
-    if config.motion == "parametric":
-        amplitude = float(config.amplitude_mm or DEFAULT_AMPLITUDE_MM)
-        u_lung, motion_info = _parametric_motion(pts, lung_xyz, amplitude)
-    else:
-        u_lung, motion_info = _landmark_motion(pts, lung_xyz, config)
-        if config.amplitude_mm is not None:
-            p99 = float(np.percentile(np.abs(u_lung[lung_coarse][:, 2]), 99))
-            u_lung *= config.amplitude_mm / max(p99, 1e-6)
-            motion_info["rescaled_by"] = config.amplitude_mm / max(p99, 1e-6)
-    weight = _outside_weight_map(lung_coarse, h, config.outside_weight)
-
-    # --- rigid part
-    if config.rigid_offset is not None:
-        mm, deg = (float(v) for v in config.rigid_offset)
-        translation = mm * _random_unit(rng_rigid)
-        axis = _random_unit(rng_rigid)
-        rotation = _rotation(axis, deg)
-        centre = np.array(ct.TransformContinuousIndexToPhysicalPoint(((np.array(ct.GetSize()) - 1) / 2.0).tolist()))
-        rigid_info = {"translation_mm": translation.tolist(), "rotation_axis": axis.tolist(), "rotation_deg": deg, "centre_mm": centre.tolist(),
-                      "map": "fixed x -> R (x + u(x) - centre) + centre + translation"}
-    else:
-        rotation, translation, centre, rigid_info = np.eye(3), np.zeros(3), np.zeros(3), None
-
-    # --- blend, smooth, check the Jacobian; rebuild gentler if needed
-    scale, smoothing = 1.0, float(config.smoothing_mm)
-    history = []
-    for attempt in range(12):
-        u = weight[..., None] * u_lung * scale
-        if smoothing > 0:
-            u = ndimage.gaussian_filter(u, sigma=(smoothing / h,) * 3 + (0,), mode="nearest")
-        gt_coarse = (pts + u - centre) @ rotation.T + centre + translation - pts
-        coarse_min, _ = _min_jacobian(_vector_image(u, grid))
-        if coarse_min <= max(0.2, config.min_jacobian):
-            history.append({"scale": scale, "smoothing_mm": smoothing, "coarse_min_jacobian": coarse_min})
-            if attempt % 2 == 0:
-                smoothing = smoothing * 1.5 + 2.0
-            else:
-                scale *= 0.8
-            continue
-        arr = _upsample_linear(gt_coarse, grid, ct)
-        np.round(arr / FIELD_QUANTUM_MM, out=arr)
-        arr *= FIELD_QUANTUM_MM
-        field_img = _vector_image(arr, ct)
-        del arr
-        min_jac, jacobian = _min_jacobian(field_img)
-        history.append({"scale": scale, "smoothing_mm": smoothing, "coarse_min_jacobian": coarse_min, "min_jacobian": min_jac})
-        if min_jac > config.min_jacobian:
-            break
-        scale *= 0.8
-    else:
-        raise InputError("could not build a folding-free breathing field for this CT (min det J stayed <= "
-                         f"{config.min_jacobian}); try a smaller amplitude")
-    assert min_jac > config.min_jacobian
-
+    rigid = _rigid_part(ct, config, rng_rigid)
+    motion, motion_info = _breathing_field(ct, lungs, config, rigid)
+    field_img = motion.image
     transform = sitk.DisplacementFieldTransform(sitk.Image(field_img))
 
-    # --- warp the CT (linear) and its masks (nearest neighbour on one label image: 1 body, 2 lung)
-    fixed_clean = sitk.Resample(ct, ct, transform, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
-    f_arr = sitk.GetArrayFromImage(fixed_clean)
-    del fixed_clean
-    label_arr = sitk.GetArrayFromImage(body).astype(np.uint8)
-    label_arr[sitk.GetArrayViewFromImage(lungs) > 0] = 2
-    warped = sitk.GetArrayFromImage(
-        sitk.Resample(_mask_image(label_arr, ct), ct, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    )
-    del label_arr
-    lung_f = warped == 2
+    # warp the CT (linear) and its masks; lung density change; noise
+    f_arr = sitk.GetArrayFromImage(sitk.Resample(ct, ct, transform, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32))
+    lung_f, fixed_body = _warp_masks(ct, body, lungs, transform, motion.fixed_lungs)
     fixed_lungs = _mask_image(lung_f, ct)
-    fixed_body = _mask_image(warped >= 1, ct)
-    del warped
-
-    # --- lung density change (mass conservation)
-    jac_arr = sitk.GetArrayViewFromImage(jacobian)
-    rho_m = np.maximum(f_arr[lung_f] + 1000.0, 0.0) / 1000.0
-    rho_f = np.minimum(rho_m * jac_arr[lung_f], np.maximum(rho_m, 1.0))
-    f_arr[lung_f] = rho_f * 1000.0 - 1000.0
+    _conserve_lung_mass(f_arr, lung_f, motion.tissue_jacobian)
     fixed_density = sitk.GetImageFromArray(f_arr)
     fixed_density.CopyInformation(ct)
-
-    # --- noise (inside the scanner field of view), int16 HU
-    def noisy(array: np.ndarray, rng: np.random.Generator) -> sitk.Image:
-        out = array.astype(np.float32, copy=True)
-        if config.noise_hu > 0:
-            fov = out > FOV_PADDING_HU
-            out[fov] += rng.standard_normal(int(fov.sum()), dtype=np.float32) * np.float32(config.noise_hu)
-        image = sitk.GetImageFromArray(np.clip(np.rint(out), -32768, 32767).astype(np.int16))
-        image.CopyInformation(ct)
-        return image
-
-    fixed = noisy(f_arr, rng_noise_f)
+    fixed = _noisy(f_arr, ct, config.noise_hu, rng_noise_f)
     del f_arr
-    moving = noisy(sitk.GetArrayViewFromImage(ct), rng_noise_m)
+    moving = _noisy(sitk.GetArrayViewFromImage(ct), ct, config.noise_hu, rng_noise_m)
 
-    # --- landmarks
+    # landmarks: distinctive lung points, and body points away from the lungs
     sampler = _PointSampler(fixed_density, fixed_lungs, fixed_body, ct, transform)
     fixed_pts, moving_pts = sampler.sample((sampler.lung_depth >= 5.0) & (sampler.hu >= -800.0), config.n_points, 8.0, rng_points)
     if len(fixed_pts) < min(config.n_points, 10):
@@ -553,13 +684,6 @@ def simulate_case(ct: sitk.Image, config: SimulationConfig | None = None, labels
     fixed_body_pts, moving_body_pts = sampler.sample(body_ok, config.n_body_points, 15.0, rng_body)
     del sampler
 
-    # --- numbers
-    disp = sitk.GetArrayViewFromImage(field_img)
-    lung_disp = disp[lung_f]
-    norms = np.linalg.norm(lung_disp, axis=1)
-    lung_z = np.array([ct.TransformIndexToPhysicalPoint([0, 0, int(k)])[2] for k in range(ct.GetSize()[2])])
-    zz = np.broadcast_to(lung_z[:, None, None], lung_f.shape)[lung_f]
-    lo, hi = np.percentile(zz, [100 / 3, 200 / 3])
     identity_tre = np.linalg.norm(moving_pts - fixed_pts, axis=1)
     meta = {
         "generator": "regsam.data.simulate",
@@ -569,21 +693,18 @@ def simulate_case(ct: sitk.Image, config: SimulationConfig | None = None, labels
         "motion_info": motion_info,
         "amplitude_mm": config.amplitude_mm if config.amplitude_mm is not None else motion_info.get("amplitude_mm"),
         "outside_weight": config.outside_weight,
+        "sliding": SLIDING_NOTE if config.sliding else None,
         "noise_hu": config.noise_hu,
-        "rigid_offset": rigid_info,
+        "rigid_offset": rigid.info,
         "spacing_mm": list(ct.GetSpacing()),
         "size": list(ct.GetSize()),
-        "field_spacing_mm": h,
-        "field_attempts": history,
-        "field_scale": scale,
-        "smoothing_mm": smoothing,
-        "lung_max_displacement_mm": float(norms.max()),
-        "lung_mean_displacement_mm": float(norms.mean()),
-        "lung_p99_abs_uz_mm": float(np.percentile(np.abs(lung_disp[:, 2]), 99)),
-        "lung_mean_abs_uz_mm": {"inferior_third": float(np.abs(lung_disp[zz < lo, 2]).mean()),
-                                 "superior_third": float(np.abs(lung_disp[zz > hi, 2]).mean())},
-        "min_jacobian": float(min_jac),
-        "lung_mean_jacobian": float(jac_arr[lung_f].mean()),
+        "field_spacing_mm": float(config.field_spacing_mm),
+        "field_attempts": motion.history,
+        "field_scale": motion.scale,
+        "smoothing_mm": motion.smoothing_mm,
+        **_motion_numbers(ct, field_img, lung_f),
+        "min_jacobian": float(motion.min_jacobian),
+        "lung_mean_jacobian": float(sitk.GetArrayViewFromImage(motion.tissue_jacobian)[lung_f].mean()),
         "n_points": int(len(fixed_pts)),
         "n_body_points": int(len(fixed_body_pts)),
         "mean_identity_tre_mm": float(identity_tre.mean()),
@@ -592,16 +713,15 @@ def simulate_case(ct: sitk.Image, config: SimulationConfig | None = None, labels
         "density": "inside the fixed lung mask rho_fixed = rho_moving(x+u) * detJ (rho = (HU+1000)/1000), never above max(rho_moving, 1)",
         "masks": "lungs from labels" if labels is not None else "lungs from thresholds",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "seconds": None,
+        "seconds": round(time.perf_counter() - t_start, 2),
     }
-    meta["seconds"] = round(time.perf_counter() - t_start, 2)
     return SimulatedPair(
         fixed=fixed, moving=moving, gt_disp=field_img,
         fixed_points=fixed_pts, moving_points=moving_pts,
         fixed_points_body=fixed_body_pts, moving_points_body=moving_body_pts,
         fixed_mask=fixed_lungs, moving_mask=sitk.Cast(lungs, sitk.sitkUInt8),
         fixed_body=fixed_body, moving_body=sitk.Cast(body, sitk.sitkUInt8),
-        jacobian=jacobian, meta=meta,
+        jacobian=motion.jacobian, meta=meta,
     )
 
 

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from regsam.errors import InputError
 from regsam.io.images import FLOAT_PIXEL_IDS, check_volume, read_image, replace_nonfinite, same_grid
-from regsam.register.methods import METHODS, MethodFailure, MethodSpec, get_method, resolve_preset
+from regsam.register.methods import DEFAULT_METHOD, METHODS, MethodFailure, MethodSpec, get_method, resolve_preset
 from regsam.register.result import RegistrationResult
 
 __all__ = ["METHODS", "MethodFailure", "MethodSpec", "register", "resolve_preset", "run_register_command"]
@@ -103,7 +103,7 @@ def _cause(exc: BaseException) -> str:
 def register(
     fixed: sitk.Image | str | os.PathLike,
     moving: sitk.Image | str | os.PathLike,
-    method: str = "elastix",
+    method: str = DEFAULT_METHOD,
     preset: str | None = None,
     fixed_mask: sitk.Image | str | os.PathLike | None = None,
     moving_mask: sitk.Image | str | os.PathLike | None = None,
@@ -144,9 +144,9 @@ def register(
     check_overlap(fixed_img, moving_img)
     load_s = time.perf_counter() - start
     try:
-        result = spec.run(
-            fixed_img, moving_img, preset=preset, fixed_mask=fixed_mask_img, moving_mask=moving_mask_img, **options
-        )
+        masks = {f"{which}_mask": image for which, image in (("fixed", fixed_mask_img), ("moving", moving_mask_img))
+                 if which in spec.uses_masks}  # a method gets only the masks it uses
+        result = spec.run(fixed_img, moving_img, preset=preset, **masks, **options)
     except (InputError, MethodFailure):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure inside a method becomes one line naming it
@@ -166,7 +166,7 @@ def run_register_command(
     fixed_path: str | os.PathLike,
     moving_path: str | os.PathLike,
     out_dir: str | os.PathLike,
-    method: str = "elastix",
+    method: str = DEFAULT_METHOD,
     preset: str | None = None,
     fixed_mask_path: str | os.PathLike | None = None,
     moving_mask_path: str | os.PathLike | None = None,

@@ -79,6 +79,7 @@ _FAST: dict[str, Any] = {
     "feature_spacing_mm": 8.0,
     "finest_control_ratio": 1,
     "embed_levels": None,
+    "tolerance": None,
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": _FAST,
@@ -275,6 +276,182 @@ def _mask_on(mask: sitk.Image | None, grid: sitk.Image, device: torch.device) ->
     return t
 
 
+def _level_inputs(fixed, moving, grids, t0, cfg, fixed_mask, dev) -> list[dict]:
+    """Fixed and moving (through ``t0``) intensities (or MIND) on every level grid, cropped to the mask's box."""
+    fixed_n, moving_n = _normalise_ct(fixed), _normalise_ct(moving)
+    level_data = []
+    for grid in grids:
+        spacing = np.array(grid.GetSpacing())
+        f_img = tf.image_to_tensor(_resample(antialias(fixed_n, spacing), grid, sitk.Transform(), 0.0), dev)
+        m_img = tf.image_to_tensor(_resample(antialias(moving_n, spacing), grid, t0, 0.0), dev)  # 0 = air after normalising
+        if cfg["similarity"] == "mind":
+            f_img = mind_ssc(f_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
+            m_img = mind_ssc(m_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
+        mask = _mask_on(fixed_mask, grid, dev)
+        box = _mask_box(mask, [int(np.ceil(MASK_MARGIN_MM / s)) for s in spacing[::-1]])
+        crop = (slice(None), slice(None), *box)
+        level_data.append({"grid": grid, "box": crop, "fixed": f_img[crop], "moving": m_img[crop],
+                           "mask": None if mask is None else mask[crop]})
+    return level_data
+
+
+def _feature_inputs(fixed, moving, t0, has_initial, features, geometries, base, cfg, fixed_mask, dev) -> dict:
+    """Fixed and moving (through ``t0``) feature maps on the embedding term's grid (unit vectors)."""
+    ff = _as_feature_tensor(features[0], "fixed_features")
+    mf = _as_feature_tensor(features[1], "moving_features")
+    if ff.shape[0] != mf.shape[0]:
+        raise InputError(f"fixed features have {ff.shape[0]} channels but moving features {mf.shape[0]}")
+    f_geo = _feature_geometry(ff, geometries[0], fixed, "fixed_features")
+    m_geo = _feature_geometry(mf, geometries[1], moving, "moving_features")
+    # The embedding term guides the large-scale alignment; a coarser grid than the image term's
+    # keeps warping C channels (and its backward pass) cheap.
+    feat_spacing = max(float(np.min(f_geo.GetSpacing())), base, float(cfg["feature_spacing_mm"]))
+    fgrid = tf.corner_aligned_grid(fixed, feat_spacing)
+    f_on = tf.sample_world(ff, f_geo, fgrid).to(dev)
+    m_on = tf.sample_world(mf, m_geo, fgrid, transform=t0 if has_initial else None).to(dev)
+    return {"grid": fgrid, "fixed": _unit(f_on[None]), "moving": m_on[None], "mask": _mask_on(fixed_mask, fgrid, dev)}
+
+
+class _Parametrisation:
+    """theta (on its control grid, voxels of the level) -> the residual's voxel DDF on a level grid.
+
+    Without sliding theta has 3 channels. With a sliding mask it has 6: one smooth field inside the
+    (fixed) lungs and one outside, blended by the mask resampled onto the level grid (linear, so the
+    switch takes one voxel), each regularised on its own: the lungs may slide along the chest wall.
+    """
+
+    def __init__(self, cfg: dict, sliding_mask: sitk.Image | None, dev: torch.device):
+        self.passes = int(cfg["param_smoothing"])
+        self.to_ddf = tf.make_dvf2ddf(int(cfg["integration_steps"])) if cfg["diffeomorphic"] else None
+        self.mask = None if sliding_mask is None else sitk.Cast(sliding_mask != 0, sitk.sitkFloat32)
+        self.dev = dev
+        self._blend: dict[tuple, torch.Tensor] = {}
+        self.channels = 3 if self.mask is None else 6
+
+    def blend_on(self, grid: sitk.Image) -> torch.Tensor:
+        shape = tf.grid_shape(grid)
+        if shape not in self._blend:
+            on = sitk.Resample(self.mask, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            self._blend[shape] = tf.image_to_tensor(on, self.dev)
+        return self._blend[shape]
+
+    def smooth(self, theta: torch.Tensor) -> torch.Tensor:
+        """The field(s) the regulariser sees (and that carry over to the next level): (1, channels, ...)."""
+        return _smooth_param(theta, self.passes)
+
+    def ddf(self, theta: torch.Tensor, grid: sitk.Image) -> torch.Tensor:
+        shape = tf.grid_shape(grid)
+        parts = []
+        for part in self.smooth(theta).split(3, dim=1):
+            parts.append(tf.resize_local_mm(self.to_ddf(part) if self.to_ddf is not None else part, shape))
+        if len(parts) == 1:
+            return parts[0]
+        inside = self.blend_on(grid)
+        return inside * parts[0] + (1.0 - inside) * parts[1]
+
+
+def _start(prev_mm: torch.Tensor | None, initial_residual, grid, control_shape, param, dev) -> torch.Tensor:
+    """theta's start on a level: the previous level's smooth field(s), the given residual, or zeros."""
+    spacing = tf.spacing_zyx(grid, dev)
+    if prev_mm is not None:
+        return torch.cat([tf.resize_local_mm(p, control_shape) / spacing for p in prev_mm.split(3, dim=1)], dim=1)
+    if initial_residual is None:
+        return torch.zeros((1, param.channels) + control_shape, device=dev)
+    control = tf.corner_aligned_grid(grid, size_xyz=control_shape[::-1])
+    # nearest-neighbour extrapolation: a residual on a smaller box (the lungs') continues flat beyond it, no jump
+    r = sitk.Resample(check_displacement_field(initial_residual, "initial residual"), control, sitk.Transform(),
+                      sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+    start = tf.field_to_local_mm(r, dev) / spacing
+    return start.repeat(1, param.channels // 3, 1, 1, 1)
+
+
+def _optimise_level(data, feat, theta, param, cfg, losses_fn, steps: int) -> tuple[list[float], int]:
+    """Adam on theta for at most ``steps``; stops early once the loss improves less than ``tolerance`` per 10 steps."""
+    optimizer = _Adam(theta, lr=float(cfg["lr"]))
+    tolerance = cfg["tolerance"]
+    losses: list[float] = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = losses_fn(param.ddf(theta, data["grid"]), param.smooth(theta))
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if tolerance is not None and step >= 19 and step % 10 == 9:
+            if losses[-11] - losses[-1] < float(tolerance) * abs(losses[-11]):
+                return losses, step + 1
+    return losses, steps
+
+
+def _level_loss(data, feat, use_embed: bool, cfg, regulariser, lncc, warp, warp_features, dev):
+    """The loss of one level as a function of (voxel DDF on the level grid, regularised field(s))."""
+    spacing = tf.spacing_zyx(data["grid"], dev)
+
+    def loss_fn(ddf: torch.Tensor, reg_field: torch.Tensor) -> torch.Tensor:
+        loss = torch.zeros((), device=dev)
+        if float(cfg["weight_image"]) > 0:
+            warped = warp(data["moving"], ddf[data["box"]])
+            if cfg["similarity"] == "lncc":
+                sim = _weighted_mean(lncc(warped, data["fixed"]), data["mask"])
+            else:
+                sim = _weighted_mean(((warped - data["fixed"]) ** 2).sum(dim=1, keepdim=True), data["mask"])
+            loss = loss + float(cfg["weight_image"]) * sim
+        if use_embed:
+            fddf = tf.resize_local_mm(ddf * spacing, tf.grid_shape(feat["grid"])) / tf.spacing_zyx(feat["grid"], dev)
+            moved = _unit(warp_features(feat["moving"], fddf))
+            dissim = 1.0 - (moved * feat["fixed"]).sum(dim=1, keepdim=True)
+            loss = loss + float(cfg["weight_embed"]) * _weighted_mean(dissim, feat["mask"])
+        if float(cfg["weight_smooth"]) > 0:
+            with warnings.catch_warnings():  # MONAI indexes with lists of slices; torch warns on every call
+                warnings.simplefilter("ignore", UserWarning)
+                for field_part in reg_field.split(3, dim=1):
+                    loss = loss + float(cfg["weight_smooth"]) * regulariser(field_part)
+        return loss
+
+    return loss_fn
+
+
+def _final_field(fixed, work, ddf_work, u0_local, warp, dev, max_fold_repairs: int) -> tuple[sitk.Image, float, dict]:
+    """u = r + u0(x + r) on the fixed grid; if it folds, smooth r (then the whole field) until it does not."""
+    fixed_geo = grid_of(fixed)
+
+    def field_of(ddf_vox: torch.Tensor, total_sigma: float = 0.0) -> sitk.Image:
+        with torch.no_grad():
+            r_local = ddf_vox * tf.spacing_zyx(work, dev)
+            total = r_local if u0_local is None else r_local + warp(u0_local, ddf_vox)
+            if total_sigma > 0:
+                total = tf.gaussian_blur(total, [total_sigma] * 3)
+        on_work = tf.local_mm_to_field(total, work)
+        if tf.grid_shape(work) == tf.grid_shape(fixed_geo):
+            on_work.CopyInformation(fixed_geo)
+            return on_work
+        return sitk.Resample(on_work, fixed_geo, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+
+    def min_det(image: sitk.Image) -> tuple[float, float]:
+        det = sitk.GetArrayFromImage(jacobian_determinant(image))
+        return float(det.min()), float(np.mean(det <= 0))
+
+    # Repair, mildest first: smooth the optimised residual r (sigma 0.5, 1, ... working voxels); if the
+    # initial mapping itself folds, that cannot help, so then the whole field is smoothed as well.
+    result = field_of(ddf_work)
+    lowest, share = min_det(result)
+    repair = {"folded_before": share, "min_det_before": lowest, "residual_sigma_voxels": 0.0, "field_sigma_voxels": 0.0}
+    repairs, smoothed = 0, ddf_work
+    while lowest <= 0 and repairs < max_fold_repairs:
+        repairs += 1
+        repair["residual_sigma_voxels"] = 0.5 * repairs
+        smoothed = tf.gaussian_blur(ddf_work, [0.5 * repairs] * 3)
+        result = field_of(smoothed)
+        lowest, share = min_det(result)
+    extra = 0
+    while lowest <= 0 and extra < max_fold_repairs:
+        extra += 1
+        repair["field_sigma_voxels"] = 0.5 * extra
+        result = field_of(smoothed, total_sigma=0.5 * extra)
+        lowest, share = min_det(result)
+    repair.update({"repairs": repairs + extra, "folded_after": share, "min_det_after": lowest})
+    return result, share, repair
+
+
 # ------------------------------------------------------------------ main entry
 def refine_deformable(
     fixed: sitk.Image,
@@ -287,6 +464,8 @@ def refine_deformable(
     moving_features: torch.Tensor | np.ndarray | None = None,
     fixed_feature_geometry: sitk.Image | None = None,
     moving_feature_geometry: sitk.Image | None = None,
+    initial_residual: sitk.Image | None = None,
+    sliding_mask: sitk.Image | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
     max_fold_repairs: int = 8,
@@ -296,7 +475,7 @@ def refine_deformable(
 
     Args:
         fixed, moving: 3D CT volumes (HU), any grids; world coordinates relate them.
-        initial: the starting fixed -> moving mapping: a SimpleITK transform, a displacement field
+        initial: the starting fixed -> moving mapping ``T0``: a SimpleITK transform, a displacement field
             (e.g. :func:`regsam.fit.smooth.fit_smooth_field`), or ``None`` (identity).
         preset: ``fast`` (default: 4 mm, 2 levels) or ``accurate`` (2 mm, 3 levels); see :data:`PRESETS`.
         fixed_mask: optional mask (non-zero inside, any grid) weighting the similarity terms.
@@ -305,11 +484,15 @@ def refine_deformable(
             is taken to tile its image's field of view in equal blocks (:func:`torch_fields.pooled_geometry`);
             otherwise the geometry image's grid (size x, y, z = W, H, D) places it in the world
             (e.g. ``Embedding.fine_geometry``).
+        initial_residual: optional start of the residual ``r`` (world displacement image, mm, any grid), e.g.
+            from :func:`regsam.register.capture.capture_motion`; zeros otherwise.
+        sliding_mask: optional fixed-image mask (lungs) across which the residual may slide (see
+            :class:`_Parametrisation`).
         device: ``'cpu'`` or ``'cuda'``.
         seed: torch seed (the optimisation is deterministic on CPU).
         max_fold_repairs: Gaussian smoothing rounds tried when the result folds: first of the residual
             (sigma 0.5, 1, ... working voxels), then, should the initial mapping itself fold, of the whole field.
-        overrides: any key of the preset (``iterations``, ``weight_smooth``, ``diffeomorphic``, ...).
+        overrides: any key of the preset (``iterations``, ``weight_smooth``, ``diffeomorphic``, ``tolerance`` ...).
 
     Returns:
         :class:`DeformableResult` whose ``field`` lies on the fixed grid.
@@ -335,165 +518,51 @@ def refine_deformable(
     grids = [tf.corner_aligned_grid(fixed, base * 2 ** (levels - 1 - lvl)) for lvl in range(levels)]
     timings: dict[str, float] = {}
 
-    # ---------------------------------------------------------- inputs on every level
     t = time.perf_counter()
-    fixed_n = _normalise_ct(fixed)
-    moving_n = _normalise_ct(moving)
-    moving_default = 0.0  # air after normalisation (-1024 HU clipped)
-    level_data = []
-    for grid in grids:
-        spacing = np.array(grid.GetSpacing())
-        f_img = tf.image_to_tensor(_resample(antialias(fixed_n, spacing), grid, sitk.Transform(), 0.0), dev)
-        m_img = tf.image_to_tensor(_resample(antialias(moving_n, spacing), grid, t0, moving_default), dev)
-        if cfg["similarity"] == "mind":
-            f_img = mind_ssc(f_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
-            m_img = mind_ssc(m_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
-        mask = _mask_on(fixed_mask, grid, dev)
-        box = _mask_box(mask, [int(np.ceil(MASK_MARGIN_MM / s)) for s in spacing[::-1]])
-        crop = (slice(None), slice(None), *box)
-        level_data.append({"grid": grid, "box": crop, "fixed": f_img[crop], "moving": m_img[crop],
-                           "mask": None if mask is None else mask[crop]})
+    level_data = _level_inputs(fixed, moving, grids, t0, cfg, fixed_mask, dev)
     timings["prepare"] = time.perf_counter() - t
-
     feat = None
-    use_embed = fixed_features is not None and float(cfg["weight_embed"]) > 0
-    if use_embed:
+    if fixed_features is not None and float(cfg["weight_embed"]) > 0:
         t = time.perf_counter()
-        ff = _as_feature_tensor(fixed_features, "fixed_features")
-        mf = _as_feature_tensor(moving_features, "moving_features")
-        if ff.shape[0] != mf.shape[0]:
-            raise InputError(f"fixed features have {ff.shape[0]} channels but moving features {mf.shape[0]}")
-        f_geo = _feature_geometry(ff, fixed_feature_geometry, fixed, "fixed_features")
-        m_geo = _feature_geometry(mf, moving_feature_geometry, moving, "moving_features")
-        # The embedding term guides the large-scale alignment; a coarser grid than the image term's
-        # keeps warping C channels (and its backward pass) cheap.
-        feat_spacing = max(float(np.min(f_geo.GetSpacing())), base, float(cfg["feature_spacing_mm"]))
-        fgrid = tf.corner_aligned_grid(fixed, feat_spacing)
-        f_on = tf.sample_world(ff, f_geo, fgrid).to(dev)
-        m_on = tf.sample_world(mf, m_geo, fgrid, transform=t0 if initial is not None else None).to(dev)
-        feat = {"grid": fgrid, "fixed": _unit(f_on[None]), "moving": m_on[None], "mask": _mask_on(fixed_mask, fgrid, dev)}
+        feat = _feature_inputs(fixed, moving, t0, initial is not None, (fixed_features, moving_features),
+                               (fixed_feature_geometry, moving_feature_geometry), base, cfg, fixed_mask, dev)
         timings["features"] = time.perf_counter() - t
 
-    # ---------------------------------------------------------- optimisation
+    # ---------------------------------------------------------- optimisation, coarse to fine
     warp = tf.make_warp(padding_mode="border")
     warp_features = tf.make_warp(padding_mode="border")  # Warp caches its grid per shape: one per grid
-    to_ddf = tf.make_dvf2ddf(int(cfg["integration_steps"])) if cfg["diffeomorphic"] else None
     lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=int(cfg["lncc_kernel"]), reduction="none").to(dev)
     regulariser = (BendingEnergyLoss if cfg["regulariser"] == "bending" else DiffusionLoss)(normalize=True)
-
-    def displacement(theta: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """theta (on its control grid) -> (voxel ddf of r on the level grid ``shape``, the field the regulariser sees)."""
-        smooth = _smooth_param(theta, int(cfg["param_smoothing"]))
-        ddf = to_ddf(smooth) if to_ddf is not None else smooth
-        return tf.resize_local_mm(ddf, shape), smooth
-
+    param = _Parametrisation(cfg, sliding_mask, dev)
     history = []
-    theta = None
-    prev_mm = None
+    theta, prev_mm = None, None
     t = time.perf_counter()
     for lvl, data in enumerate(level_data):
+        t_level = time.perf_counter()
         grid = data["grid"]
-        shape = tf.grid_shape(grid)
-        spacing = tf.spacing_zyx(grid, dev)
         # theta is kept in voxels of the level grid but may live on a coarser control grid (finest level only)
         ratio = int(cfg["finest_control_ratio"]) if lvl == levels - 1 else 1
-        control_shape = shape if ratio == 1 else tf.grid_shape(tf.corner_aligned_grid(fixed, base * ratio))
-        if prev_mm is None:
-            start = torch.zeros((1, 3) + control_shape, device=dev)
-        else:
-            start = tf.resize_local_mm(prev_mm, control_shape) / spacing
-        theta = start.clone().requires_grad_(True)
-        optimizer = _Adam(theta, lr=float(cfg["lr"]))
-        f_sim_mask = data["mask"]
-        losses = []
-        t_level = time.perf_counter()
-        for _ in range(cfg["iterations"][lvl]):
-            optimizer.zero_grad()
-            ddf, reg_field = displacement(theta, shape)
-            loss = torch.zeros((), device=dev)
-            if float(cfg["weight_image"]) > 0:
-                warped = warp(data["moving"], ddf[data["box"]])
-                if cfg["similarity"] == "lncc":
-                    sim = _weighted_mean(lncc(warped, data["fixed"]), f_sim_mask)
-                else:
-                    sim = _weighted_mean(((warped - data["fixed"]) ** 2).sum(dim=1, keepdim=True), f_sim_mask)
-                loss = loss + float(cfg["weight_image"]) * sim
-            if feat is not None and lvl < cfg["embed_levels"]:
-                ddf_mm = ddf * spacing
-                fshape = tf.grid_shape(feat["grid"])
-                fddf = tf.resize_local_mm(ddf_mm, fshape) / tf.spacing_zyx(feat["grid"], dev)
-                moved = _unit(warp_features(feat["moving"], fddf))
-                dissim = 1.0 - (moved * feat["fixed"]).sum(dim=1, keepdim=True)
-                loss = loss + float(cfg["weight_embed"]) * _weighted_mean(dissim, feat["mask"])
-            if float(cfg["weight_smooth"]) > 0:
-                with warnings.catch_warnings():  # MONAI indexes with lists of slices; torch warns on every call
-                    warnings.simplefilter("ignore", UserWarning)
-                    loss = loss + float(cfg["weight_smooth"]) * regulariser(reg_field)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        with torch.no_grad():
-            ddf, _ = displacement(theta, shape)
-            prev_mm = (ddf * spacing).detach()
-            if to_ddf is not None:  # carry the velocity (not its exponential) to the next level
-                prev_mm = (_smooth_param(theta, int(cfg["param_smoothing"])) * spacing).detach()
+        control_shape = tf.grid_shape(grid) if ratio == 1 else tf.grid_shape(tf.corner_aligned_grid(fixed, base * ratio))
+        theta = _start(prev_mm, initial_residual, grid, control_shape, param, dev).clone().requires_grad_(True)
+        use_embed = feat is not None and lvl < cfg["embed_levels"]
+        loss_fn = _level_loss(data, feat, use_embed, cfg, regulariser, lncc, warp, warp_features, dev)
+        losses, steps = _optimise_level(data, feat, theta, param, cfg, loss_fn, cfg["iterations"][lvl])
+        with torch.no_grad():  # carry the smooth field(s) (the velocity when diffeomorphic) to the next level, in mm
+            prev_mm = param.smooth(theta).detach() * tf.spacing_zyx(grid, dev).repeat(1, param.channels // 3, 1, 1, 1)
         history.append({"spacing_mm": [float(s) for s in grid.GetSpacing()], "size": list(grid.GetSize()),
-                        "iterations": cfg["iterations"][lvl], "loss_first": losses[0] if losses else None,
-                        "loss_last": losses[-1] if losses else None, "control_size": list(theta.shape[2:][::-1]),
-                        "similarity_size": list(data["fixed"].shape[2:][::-1]),
-                        "embedding_term": feat is not None and lvl < cfg["embed_levels"],
-                        "seconds": time.perf_counter() - t_level})
+                        "iterations": steps, "max_iterations": cfg["iterations"][lvl],
+                        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                        "control_size": list(theta.shape[2:][::-1]), "similarity_size": list(data["fixed"].shape[2:][::-1]),
+                        "embedding_term": use_embed, "seconds": time.perf_counter() - t_level})
     timings["optimise"] = time.perf_counter() - t
 
-    # ---------------------------------------------------------- final field, fold check and repair
     t = time.perf_counter()
     with torch.no_grad():
-        ddf_work, _ = displacement(theta, tf.grid_shape(work))  # finest level grid == work grid
-        ddf_work = ddf_work.detach()
+        ddf_work = param.ddf(theta, work).detach()  # finest level grid == work grid
     u0_local = tf.transform_to_local_mm(t0, work, dev) if initial is not None else None
-    fixed_geo = grid_of(fixed)
-
-    def final_field(ddf_vox: torch.Tensor, total_sigma: float = 0.0) -> sitk.Image:
-        """u = r + u0(x + r) on the working grid (optionally Gaussian-smoothed), resampled onto the fixed grid."""
-        with torch.no_grad():
-            r_local = ddf_vox * tf.spacing_zyx(work, dev)
-            total = r_local if u0_local is None else r_local + warp(u0_local, ddf_vox)
-            if total_sigma > 0:
-                total = tf.gaussian_blur(total, [total_sigma] * 3)
-        on_work = tf.local_mm_to_field(total, work)
-        if tf.grid_shape(work) == tf.grid_shape(fixed_geo):
-            on_work.CopyInformation(fixed_geo)
-            return on_work
-        return sitk.Resample(on_work, fixed_geo, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
-
-    def min_det(image: sitk.Image) -> tuple[float, float]:
-        det = sitk.GetArrayFromImage(jacobian_determinant(image))
-        return float(det.min()), float(np.mean(det <= 0))
-
-    # Repair, mildest first: smooth the optimised residual r (sigma 0.5, 1, ... working voxels); if the
-    # initial mapping itself folds, that cannot help, so then the whole field is smoothed as well.
-    result = final_field(ddf_work)
-    lowest, share = min_det(result)
-    repair = {"folded_before": share, "min_det_before": lowest, "residual_sigma_voxels": 0.0, "field_sigma_voxels": 0.0}
-    repairs = 0
-    smoothed = ddf_work
-    while lowest <= 0 and repairs < max_fold_repairs:
-        repairs += 1
-        repair["residual_sigma_voxels"] = 0.5 * repairs
-        smoothed = tf.gaussian_blur(ddf_work, [0.5 * repairs] * 3)
-        result = final_field(smoothed)
-        lowest, share = min_det(result)
-    extra = 0
-    while lowest <= 0 and extra < max_fold_repairs:
-        extra += 1
-        repair["field_sigma_voxels"] = 0.5 * extra
-        result = final_field(smoothed, total_sigma=0.5 * extra)
-        lowest, share = min_det(result)
-    repair.update({"repairs": repairs + extra, "folded_after": share, "min_det_after": lowest})
-    det_share = share
+    result, det_share, repair = _final_field(fixed, work, ddf_work, u0_local, warp, dev, max_fold_repairs)
     timings["finalise"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
-
     info = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "working_grid": {"size": list(work.GetSize()), "spacing_mm": [float(s) for s in work.GetSpacing()]},
@@ -501,6 +570,8 @@ def refine_deformable(
         "embedding_term": feat is not None,
         "feature_grid": None if feat is None else {"size": list(feat["grid"].GetSize()),
                                                    "spacing_mm": [float(s) for s in feat["grid"].GetSpacing()]},
+        "sliding": sliding_mask is not None,
+        "initial_residual": initial_residual is not None,
         "folding_fix": repair,
         "timings": timings,
         "device": str(dev),

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
     from regsam.register.result import RegistrationResult
 
+#: The method ``regsam register`` and :func:`regsam.register.api.register` use when none is named: the headline.
+DEFAULT_METHOD = "sam"
+#: What ``regsam bench`` runs when no ``--methods`` are named: the headline beside the baseline.
+DEFAULT_BENCH_METHODS = ("sam", "elastix:lung")
+
 #: The masks a method may use: ``uses_masks`` holds a subset.
 MASKS = ("fixed", "moving")
 
@@ -130,6 +135,12 @@ def _run_sam_elastix(fixed, moving, **kwargs):
     return register_sam_elastix(fixed, moving, **kwargs)
 
 
+def _run_ants(fixed, moving, **kwargs):
+    from regsam.register.ants import register_ants
+
+    return register_ants(fixed, moving, **kwargs)
+
+
 def _run_convexadam(fixed, moving, **kwargs):
     from regsam.register.convexadam import register_convexadam
 
@@ -167,11 +178,13 @@ METHODS: dict[str, MethodSpec] = {
             default_preset="fast",
             options=frozenset({"stages", "device", "weights", "seed"}),
             uses_masks=frozenset({"fixed"}),
-            summary="SAM embedding matches -> RANSAC affine -> smooth coarse field -> deformable refinement "
-            "(MONAI LNCC + bending energy at 8, 4 and 2 mm, the SAM embedding term at 8 mm; the 2 mm level's "
-            "displacement lives on a 4 mm control grid); 20/20/10 steps, `accurate` 20/40/30",
+            summary="SAM embedding matches -> RANSAC affine -> large-motion capture (discrete search over MIND-SSC "
+            "and SAM features at 4 and 2 mm, +-24 mm, convex coupling smoothed separately inside and outside the "
+            "lungs so they slide, folds smoothed locally); `accurate` adds a third search level at 2 mm and a "
+            "deformable refinement stage (MONAI LNCC + bending energy, sliding); stages `coarse` and "
+            "`deformable` can be added with `--stages`",
             preset_table="regsam.register.sam:PRESETS",
-            mask_note="weights the deformable similarity; default: an automatic body mask",
+            mask_note="lungs: the search box and the sliding surface; default: the automatic lung mask",
         ),
         MethodSpec(
             name="sam+elastix",
@@ -186,6 +199,17 @@ METHODS: dict[str, MethodSpec] = {
             "resolutions, 0 after)",
             preset_table="regsam.register.sam_elastix:PRESETS",
             mask_note="passed to elastix",
+        ),
+        MethodSpec(
+            name="ants",
+            run=_run_ants,
+            presets=("synra", "cc"),
+            default_preset="synra",
+            options=frozenset({"seed"}),
+            uses_masks=frozenset(),
+            summary="ANTs SyN (antspyx 0.6.3, the `peers` extra): `SyNRA` (rigid + affine + SyN, Mattes MI) with "
+            "antspyx's standard settings on 2 mm copies; `cc`: SyN with cross-correlation",
+            preset_table="regsam.register.ants:ANTS_PRESETS",
         ),
         MethodSpec(
             name="convexadam",

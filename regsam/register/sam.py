@@ -1,65 +1,93 @@
-"""``--method sam``: SAM correspondences -> robust affine -> smooth coarse field -> deformable refinement.
+"""``--method sam``: SAM correspondences -> robust affine -> large-motion capture -> deformable refinement.
 
-Each stage lives in its own module and can be switched off (``stages``):
+Each stage is a :class:`Stage` object in this module, reads and writes one :class:`SamState`, and can be
+switched off (``stages``; a preset names its default stages):
 
 1. **affine** (:mod:`regsam.embed.correspondences`): grid points inside the fixed body are matched
    into the moving image by embedding nearest-neighbour search; matches that fail the
    backward (cycle) check or score low are dropped; RANSAC then least squares.
-2. **coarse** (:mod:`regsam.fit.smooth`): a smooth dense displacement fitted to all
-   kept correspondences, composed with the affine.
-3. **deformable** (:mod:`regsam.register.deformable`): per-pair optimisation of LNCC + embedding
-   dissimilarity + bending energy, started from the coarse field.
+2. **coarse** (:mod:`regsam.fit.smooth`): a smooth dense displacement fitted to all kept correspondences,
+   composed with the affine (off by default: the capture stage replaces it).
+3. **capture** (:mod:`regsam.register.capture`): coarse-to-fine discrete displacement search over MIND-SSC
+   and SAM features with a convex coupling that lets the lungs slide: carries the 20-40 mm of a breathing
+   lung base that the smooth fit and a few gradient steps cannot.
+4. **deformable** (:mod:`regsam.register.deformable`): per-pair optimisation of LNCC + bending energy,
+   started from the capture residual, one smooth field inside the lungs and one outside (sliding), steps
+   stopped on convergence.
+
+Masks: the automatic body and lung masks of the fixed image (:func:`regsam.data.masks.threshold_masks`, on
+a copy of at most ``mask_spacing_mm``) place the matched points, bound the capture search and the
+similarity (lungs' box), and give the sliding surface; a given ``fixed_mask`` replaces the lungs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from regsam.data.masks import body_mask
+from regsam.data.masks import body_mask, threshold_masks
 from regsam.embed.correspondences import MatchSettings, fit_correspondence_affine, match_correspondences
 from regsam.embed.inference import embed_image
 from regsam.embed.model import load_embedder
 from regsam.errors import InputError
 from regsam.fit.correspondences import Correspondences
 from regsam.fit.smooth import fit_smooth_field
-from regsam.io.images import AIR_HU
+from regsam.io.images import AIR_HU, resample_to_spacing
 from regsam.io.transforms import transform_to_field, warp_image
+from regsam.register.capture import CaptureSettings, capture_motion
 from regsam.register.deformable import refine_deformable
+from regsam.register.presets import choose_preset
 from regsam.register.result import RegistrationResult
 
-STAGES = ("affine", "coarse", "deformable")
+STAGES = ("affine", "coarse", "capture", "deformable")
 
 
 @dataclass(frozen=True)
 class SamPreset(MatchSettings):
     """Settings of one ``--preset`` of the SAM method (distances in mm); the matching fields come from MatchSettings."""
 
+    stages: tuple[str, ...] = ("affine", "capture", "deformable")  # run when no ``stages`` are given
     coarse_smoothing_mm: float = 20.0
     coarse_grid_mm: float = 24.0
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
+    sliding: bool = True  # lungs slide along the chest wall in the capture coupling and the deformable stage
+    mask_spacing_mm: float = 2.0  # the automatic masks are computed on a copy of at most this spacing
+    lung_margin_mm: float = 20.0  # the deformable similarity covers the body within this distance of the lungs
     deformable: str = "fast"  # preset of regsam.register.deformable
-    feature_components: int = 16  # PCA components of the fine embedding used by the deformable loss
+    feature_components: int = 16  # PCA components of the fine embedding (capture and deformable terms)
     deformable_overrides: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise InputError(f"sam preset: unknown stage(s) {', '.join(unknown) or '(none)'}")
+        if self.mask_spacing_mm <= 0 or self.lung_margin_mm < 0 or self.feature_components < 1:
+            raise InputError("sam preset: mask_spacing_mm must be > 0, lung_margin_mm >= 0, feature_components >= 1")
 
-# 8, 4 and 2 mm levels, few steps: the SAM coarse field already starts within ~1-1.5 mm. The embedding term only at
-# 8 mm (it guides large motion; at 4 and 2 mm it cost ~40 % of the time and no accuracy), the 2 mm level on a 4 mm
-# control grid, and less bending weight (the control grid already smooths). Explored on held-out breathing pairs
-# (DIR-Lab case 3-5 motion; the bending weight on case 3 only), see benchmarks/register_heldout.md.
-_DEFORMABLE_2MM: dict[str, Any] = {
-    "spacing_mm": 2.0, "levels": 3, "iterations": (20, 20, 10), "finest_control_ratio": 2, "embed_levels": 1, "weight_smooth": 0.005,
+
+# The capture stage alone ends within ~0.7 mm on held-out full-thorax pairs with 20-38 mm motion; the LNCC
+# refinement of the deformable stage made that worse there (0.70 -> 0.89-1.06 mm on the 38 mm pair, for 10-100 s),
+# so it is not a default stage; when asked for it starts from the capture residual at 4 and 2 mm (sliding).
+_DEFORMABLE_CAPTURED: dict[str, Any] = {
+    "spacing_mm": 2.0, "levels": 2, "iterations": (40, 30), "finest_control_ratio": 2, "embed_levels": 0,
+    "weight_smooth": 0.005, "tolerance": 0.002,
 }
 PRESETS: dict[str, SamPreset] = {
-    "fast": SamPreset(deformable_overrides=_DEFORMABLE_2MM),
-    # twice the steps at 4 mm, three times at 2 mm: DIR-Lab case 3 motion pairs 0.188 -> 0.166 mm mean TRE for ~1.7 x
-    # the time (the former accurate preset, denser matches + the deformable "accurate" budget, gave 0.218 mm in ~6 x)
-    "accurate": SamPreset(deformable_overrides={**_DEFORMABLE_2MM, "iterations": (20, 40, 30)}),
+    "fast": SamPreset(stages=("affine", "capture"), deformable_overrides=_DEFORMABLE_CAPTURED),
+    # a wider second search (+-6 mm) and a third level on 2 mm cells (one voxel each way)
+    "accurate": SamPreset(
+        stages=("affine", "capture"),
+        capture=CaptureSettings(feature_spacing_mm=(4.0, 2.0, 2.0), control_stride=(2, 2, 1), radius=(6, 3, 1),
+                                smoothing_mm=(10.0, 6.0, 4.0)),
+        deformable_overrides=_DEFORMABLE_CAPTURED,
+    ),
 }
 DEFAULT_PRESET = "fast"
 
@@ -113,14 +141,154 @@ def shared_pca_features(fixed_fine: np.ndarray, moving_fine: np.ndarray, compone
     return project(flats[0], fixed_fine.shape[1:]), project(flats[1], moving_fine.shape[1:])
 
 
+# ------------------------------------------------------------------ stages
+@dataclass
+class SamState:
+    """What the stages of one SAM registration share: inputs, settings, and what each stage adds."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    cfg: SamPreset
+    seed: int
+    device: torch.device
+    fixed_emb: Any
+    moving_emb: Any
+    body: sitk.Image | None = None  # automatic body mask (mask grid)
+    lungs: sitk.Image | None = None  # given fixed mask, else automatic lungs (None: not a chest CT)
+    similarity_mask: sitk.Image | None = None
+    features: tuple[np.ndarray, np.ndarray] | None = None  # PCA-reduced fine embeddings
+    corr: Correspondences | None = None
+    affine: sitk.Transform | None = None
+    coarse: sitk.Image | None = None  # fixed -> moving field of the coarse stage
+    residual: sitk.Image | None = None  # capture: r of x -> T0(x + r(x))
+    displacement: sitk.Image | None = None  # final field on the fixed grid
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def start(self) -> sitk.Transform | sitk.Image | None:
+        """The mapping the capture and deformable stages start from (``T0``)."""
+        return self.coarse if self.coarse is not None else self.affine
+
+    def pca_features(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.features is None:
+            self.features = shared_pca_features(self.fixed_emb.fine, self.moving_emb.fine, self.cfg.feature_components, self.seed)
+        return self.features
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time (s) of the ``with`` block to ``timings[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+class Stage(Protocol):
+    """One step of the SAM method: reads and extends the shared :class:`SamState`."""
+
+    name: str
+
+    def run(self, state: SamState) -> None: ...
+
+
+class AffineStage:
+    name = "affine"
+
+    def run(self, state: SamState) -> None:
+        _ensure_matches(state)
+        fit = fit_correspondence_affine(state.corr, state.cfg, state.seed)
+        state.affine = fit.transform
+        state.extras["affine"] = affine_summary(fit)
+
+
+class CoarseStage:
+    name = "coarse"
+
+    def run(self, state: SamState) -> None:
+        corr = _ensure_matches(state)
+        use = corr.inlier if state.affine is not None else corr.valid
+        state.coarse = fit_smooth_field(
+            corr.fixed[use], corr.moving[use], state.fixed, state.affine, weights=corr.score[use],
+            smoothing_mm=state.cfg.coarse_smoothing_mm, grid_spacing_mm=state.cfg.coarse_grid_mm,
+        )
+
+
+class CaptureStage:
+    name = "capture"
+
+    def run(self, state: SamState) -> None:
+        fixed_feat, moving_feat = state.pca_features()
+        sam = ((torch.from_numpy(fixed_feat), state.fixed_emb.fine_geometry),
+               (torch.from_numpy(moving_feat), state.moving_emb.fine_geometry))
+        state.residual, info = capture_motion(
+            state.fixed, state.moving, state.start, lungs=state.lungs if state.cfg.sliding else None,
+            sam_features=sam, settings=state.cfg.capture, device=state.device,
+        )
+        state.extras["capture"] = {"levels": info["levels"], "sliding": state.cfg.sliding and state.lungs is not None}
+
+
+class DeformableStage:
+    name = "deformable"
+
+    def run(self, state: SamState) -> None:
+        embed = int(state.cfg.deformable_overrides.get("embed_levels", 1) or 0) > 0
+        fixed_feat, moving_feat = state.pca_features() if embed else (None, None)
+        result = refine_deformable(
+            state.fixed, state.moving, state.start, preset=state.cfg.deformable, fixed_mask=state.similarity_mask,
+            fixed_features=fixed_feat, moving_features=moving_feat,
+            fixed_feature_geometry=state.fixed_emb.fine_geometry if embed else None,
+            moving_feature_geometry=state.moving_emb.fine_geometry if embed else None,
+            initial_residual=state.residual, sliding_mask=state.lungs if state.cfg.sliding else None,
+            device=str(state.device), seed=state.seed, **state.cfg.deformable_overrides,
+        )
+        state.displacement = result.field
+        state.extras["deformable"] = {"folding_share": result.folding_share, "levels": result.info["levels"],
+                                      "sliding": result.info["sliding"]}
+
+
+STAGE_OBJECTS: dict[str, Stage] = {stage.name: stage for stage in (AffineStage(), CoarseStage(), CaptureStage(), DeformableStage())}
+
+
+def _ensure_matches(state: SamState) -> Correspondences:
+    if state.corr is None:
+        with timed(state.timings, "match"):
+            state.corr = match_correspondences(state.fixed, state.fixed_emb, state.moving_emb, state.cfg,
+                                               device=state.device, body=state.body)
+        state.extras["correspondences"] = {"matched": int(len(state.corr.fixed)), "kept": int(state.corr.valid.sum())}
+    return state.corr
+
+
+def automatic_masks(fixed: sitk.Image, spacing_mm: float) -> tuple[sitk.Image, sitk.Image | None]:
+    """(body, lungs or None) of the fixed image, computed on a copy of at most ``spacing_mm`` (the masks' grid)."""
+    small = fixed
+    if min(fixed.GetSpacing()) < spacing_mm:
+        small = resample_to_spacing(sitk.Cast(fixed, sitk.sitkFloat32), [max(s, spacing_mm) for s in fixed.GetSpacing()])
+    try:
+        return threshold_masks(small)
+    except InputError:
+        return body_mask(small), None  # not a chest CT with aerated lungs: no sliding surface
+
+
+def _similarity_mask(body: sitk.Image, lungs: sitk.Image | None, margin_mm: float) -> sitk.Image:
+    """The body within ``margin_mm`` of the lungs (the whole body without lungs): where the deformable similarity counts."""
+    if lungs is None:
+        return body
+    distance = sitk.SignedMaurerDistanceMap(sitk.Cast(lungs != 0, sitk.sitkUInt8), insideIsPositive=False,
+                                            squaredDistance=False, useImageSpacing=True)
+    near = sitk.Resample(sitk.Cast(distance <= margin_mm, sitk.sitkUInt8), body, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.And(sitk.Cast(body != 0, sitk.sitkUInt8), near)
+
+
 def register_sam(
     fixed: sitk.Image,
     moving: sitk.Image,
     *,
     preset: str | None = None,
     fixed_mask: sitk.Image | None = None,
-    moving_mask: sitk.Image | None = None,
-    stages: Sequence[str] | str = STAGES,
+    stages: Sequence[str] | str | None = None,
     device: str | None = None,
     weights: str | None = None,
     seed: int = 0,
@@ -129,75 +297,51 @@ def register_sam(
 
     Args:
         preset: ``fast`` (default) or ``accurate`` (see :data:`PRESETS`).
-        fixed_mask: optional (lung) mask weighting the deformable similarity (default: the automatic body
-            mask); the points for the affine and coarse stages always come from the automatic body mask.
-        stages: any of ``affine``, ``coarse``, ``deformable`` (comma-separated string or list).
+        fixed_mask: optional lung mask of the fixed image: the sliding surface and the similarity's region
+            (default: the automatic lung mask); the matched points always come from the automatic body mask.
+        stages: any of ``affine``, ``coarse``, ``capture``, ``deformable`` (comma-separated string or list;
+            default: the preset's, ``affine,capture,deformable``).
         device: ``cpu`` or ``cuda`` (default: CUDA when available).
         weights: embedder weights file (default: the shipped ``regsam/weights/sam_chest.pt``).
     """
     start = time.perf_counter()
-    name = preset or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise InputError(f"unknown sam preset '{name}' (known: {', '.join(PRESETS)})")
-    cfg = PRESETS[name]
-    wanted = parse_stages(stages, STAGES, "sam")
+    name, cfg = choose_preset(PRESETS, preset, DEFAULT_PRESET, "sam")
+    wanted = parse_stages(stages if stages is not None else cfg.stages, STAGES, "sam")
     timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    fixed_emb, moving_emb, dev = embed_pair(fixed, moving, weights, device)
-    timings["embed"] = time.perf_counter() - t
-
-    affine: sitk.Transform | None = None
-    field_img: sitk.Image | None = None
-    corr: Correspondences | None = None
-    extras: dict[str, Any] = {"stages": wanted, "preset": name}
-    matching = "affine" in wanted or "coarse" in wanted
-    # the body mask places the matched points, and weights the deformable similarity when no mask is given
-    body = body_mask(fixed) if matching or fixed_mask is None else None
-    if matching:
-        t = time.perf_counter()
-        corr = match_correspondences(fixed, fixed_emb, moving_emb, cfg, device=dev, body=body)
-        timings["match"] = time.perf_counter() - t
-        extras["correspondences"] = {"matched": int(len(corr.fixed)), "kept": int(corr.valid.sum())}
-    if "affine" in wanted:
-        t = time.perf_counter()
-        fit = fit_correspondence_affine(corr, cfg, seed)
-        affine = fit.transform
-        timings["affine"] = time.perf_counter() - t
-        extras["affine"] = affine_summary(fit)
-    if "coarse" in wanted:
-        t = time.perf_counter()
-        use = corr.inlier if affine is not None else corr.valid
-        field_img = fit_smooth_field(
-            corr.fixed[use], corr.moving[use], fixed, affine, weights=corr.score[use],
-            smoothing_mm=cfg.coarse_smoothing_mm, grid_spacing_mm=cfg.coarse_grid_mm,
-        )
-        timings["coarse"] = time.perf_counter() - t
-    if "deformable" in wanted:
-        t = time.perf_counter()
-        initial = field_img if field_img is not None else affine
-        fixed_feat, moving_feat = shared_pca_features(fixed_emb.fine, moving_emb.fine, cfg.feature_components, seed)
-        # without a mask the similarity is weighted by the automatic body mask: air outside the body carries no
-        # motion, and the mask's box keeps the cost to the body on a full field-of-view scan
-        result = refine_deformable(
-            fixed, moving, initial, preset=cfg.deformable, fixed_mask=fixed_mask if fixed_mask is not None else body,
-            fixed_features=fixed_feat, moving_features=moving_feat,
-            fixed_feature_geometry=fixed_emb.fine_geometry, moving_feature_geometry=moving_emb.fine_geometry,
-            device=str(dev), seed=seed, **cfg.deformable_overrides,
-        )
-        field_img = result.field
-        timings["deformable"] = time.perf_counter() - t
-        extras["deformable"] = {"folding_share": result.folding_share,
-                                "similarity_mask": "given" if fixed_mask is not None else "automatic body"}
-    if field_img is None:
-        field_img = transform_to_field(affine, fixed)
-
-    t = time.perf_counter()
-    warped = warp_image(sitk.Cast(moving, sitk.sitkFloat32), fixed, field_img, "linear", AIR_HU)
-    timings["warp"] = time.perf_counter() - t
+    with timed(timings, "embed"):
+        fixed_emb, moving_emb, dev = embed_pair(fixed, moving, weights, device)
+    state = SamState(fixed, moving, cfg, seed, dev, fixed_emb, moving_emb, timings=timings,
+                     extras={"stages": wanted, "preset": name})
+    with timed(timings, "masks"):
+        state.body, lungs = automatic_masks(fixed, cfg.mask_spacing_mm)
+        state.lungs = fixed_mask if fixed_mask is not None else lungs
+        state.similarity_mask = _similarity_mask(state.body, state.lungs, cfg.lung_margin_mm)
+    state.extras["masks"] = {"lungs": "given" if fixed_mask is not None else ("automatic" if lungs is not None else "none"),
+                             "similarity": "body within {:g} mm of the lungs".format(cfg.lung_margin_mm)
+                             if state.lungs is not None else "automatic body"}
+    for stage_name in STAGES:  # the stages run in their own order, whatever the order asked
+        if stage_name in wanted:
+            with timed(timings, stage_name):
+                STAGE_OBJECTS[stage_name].run(state)
+    if state.displacement is None:
+        state.displacement = _field_without_refinement(state)
+    with timed(timings, "warp"):
+        warped = warp_image(sitk.Cast(moving, sitk.sitkFloat32), fixed, state.displacement, "linear", AIR_HU)
     timings["total"] = time.perf_counter() - start
-    artifacts = {"correspondences.csv": corr.to_csv()} if corr is not None else {}
+    artifacts = {"correspondences.csv": state.corr.to_csv()} if state.corr is not None else {}
     return RegistrationResult(
-        displacement=field_img, warped=warped, method="sam", preset=name, timings=timings,
-        affine=affine, extras=extras, artifacts=artifacts,
+        displacement=state.displacement, warped=warped, method="sam", preset=name, timings=timings,
+        affine=state.affine, extras=state.extras, artifacts=artifacts,
     )
+
+
+def _field_without_refinement(state: SamState) -> sitk.Image:
+    """The fixed-grid field of T0(x + r(x)) when no deformable stage ran (identity when nothing ran)."""
+    start = state.start if state.start is not None else sitk.Transform()
+    if state.residual is None:
+        return transform_to_field(start, state.fixed)
+    # nearest-neighbour extrapolation: the residual lives on the lungs' box and continues flat beyond it (no jump)
+    residual = sitk.Resample(state.residual, state.fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+    t0 = sitk.DisplacementFieldTransform(sitk.Image(start)) if isinstance(start, sitk.Image) else start
+    composite = sitk.CompositeTransform([t0, sitk.DisplacementFieldTransform(residual)])  # residual first, then T0
+    return transform_to_field(composite, state.fixed)

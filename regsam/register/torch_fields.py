@@ -231,3 +231,32 @@ def gaussian_blur(volume: torch.Tensor, sigma_vox: Sequence[float]) -> torch.Ten
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
         out = F.conv3d(F.pad(out, pad, mode="replicate"), weight, groups=out.shape[1])
     return out
+
+
+def jacobian_det_local(local: torch.Tensor, spacing_mm: Sequence[float]) -> torch.Tensor:
+    """det J of ``x -> x + u(x)`` for a local-mm field (1, 3, D, H, W) (channels z, y, x) -> (D, H, W).
+
+    Central differences inside, one-sided at the borders (``torch.gradient``); ``spacing_mm`` in z, y, x.
+    """
+    grads = [torch.gradient(local[0, k], spacing=tuple(float(s) for s in spacing_mm)) for k in range(3)]
+    j = [[grads[k][m] + (1.0 if k == m else 0.0) for m in range(3)] for k in range(3)]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+
+def unfold_locally(local: torch.Tensor, spacing_mm: Sequence[float], min_det: float = 0.2, max_rounds: int = 30,
+                   sigma_vox: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Smooth a local-mm field only where det J < ``min_det`` (and 2 voxels around), until no voxel is left.
+
+    Unlike smoothing the whole field, this keeps sharp but valid motion elsewhere (sliding lungs).
+    Returns (field, rounds used); the field may still fold if ``max_rounds`` did not suffice.
+    """
+    out = local
+    for rounds in range(max_rounds):
+        bad = (jacobian_det_local(out, spacing_mm) < min_det)[None, None].to(out.dtype)
+        if not bool(bad.any()):
+            return out, rounds
+        region = F.max_pool3d(bad, 5, stride=1, padding=2) > 0
+        out = torch.where(region, gaussian_blur(out, [sigma_vox] * 3), out)
+    return out, max_rounds
