@@ -69,6 +69,7 @@ def _cmd_data_simulate(args: argparse.Namespace) -> int:
         amplitude_mm=args.amplitude,
         noise_hu=args.noise_hu,
         spacing_mm=args.spacing,
+        sliding=args.sliding,
     )
     case = simulate_case_from_file(Path(args.ct), Path(args.out), config, body_label_image=args.labels)
     print(f"wrote case {case.path}")
@@ -110,6 +111,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-hu", type=float, default=20.0, help="std of added scanner noise (HU)")
     p.add_argument("--spacing", type=float, default=None, help="resample the CT to this isotropic spacing (mm) first")
     p.add_argument("--labels", default=None, help="optional organ label image of the CT (used for the body/lung masks)")
+    p.add_argument("--sliding", action="store_true",
+                   help="the lungs slide along the chest wall (the tangential motion jumps at the lung surface)")
     p.set_defaults(func=_cmd_data_simulate)
 
 
@@ -246,7 +249,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods, task=args.task)
     case_dirs = _bench_case_dirs(args)
-    run_benchmark(case_dirs, methods, args.out, task=args.task, timeout_s=args.timeout)
+    run_benchmark(case_dirs, methods, args.out, task=args.task, timeout_s=args.timeout, use_masks=not args.no_masks)
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -269,6 +272,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_BENCH_METHODS),
                    help=f"comma-separated METHOD[:PRESET] (default {','.join(DEFAULT_BENCH_METHODS)})")
     p.add_argument("--task", choices=["register", "match"], default="register")
+    p.add_argument("--no-masks", action="store_true",
+                   help="run every method without the cases' lung masks, as a user without masks would")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per (case, method)")
     p.add_argument("--out", required=True, help="report folder")
     p.set_defaults(func=_cmd_bench)

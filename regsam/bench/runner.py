@@ -96,17 +96,23 @@ def _write_json(data: dict, path: Path) -> None:
 
 
 def run_registration_process(
-    case: Case, spec: MethodChoice, out_dir: Path, extra_args: Sequence[str] = (), timeout_s: float | None = None
+    case: Case, spec: MethodChoice, out_dir: Path, extra_args: Sequence[str] = (), timeout_s: float | None = None,
+    use_masks: bool = True,
 ) -> tuple[float, str | None]:
-    """Run ``regsam register`` for one case in a child process; return (wall seconds, error or None)."""
+    """Run ``regsam register`` for one case in a child process; return (wall seconds, error or None).
+
+    With ``use_masks`` the case's masks go to the methods that use them (a method refuses a mask it does not use);
+    without, every method runs as a user without masks would.
+    """
     cmd = [sys.executable, "-m", "regsam.cli", "register", str(case.fixed), str(case.moving), "--out", str(out_dir)]
     cmd += ["--method", spec.method]
     if spec.preset:
         cmd += ["--preset", spec.preset]
-    if case.fixed_mask is not None:
+    uses = get_method(spec.method).uses_masks if use_masks else frozenset()
+    if case.fixed_mask is not None and "fixed" in uses:
         cmd += ["--fixed-mask", str(case.fixed_mask)]
-    if case.moving_mask is not None and "moving" in get_method(spec.method).uses_masks:
-        cmd += ["--moving-mask", str(case.moving_mask)]  # a method refuses a mask it does not use
+    if case.moving_mask is not None and "moving" in uses:
+        cmd += ["--moving-mask", str(case.moving_mask)]
     cmd += list(extra_args)
     start = time.perf_counter()
     try:
@@ -167,9 +173,11 @@ def run_benchmark(
     timeout_s: float | None = None,
     progress: Callable[[str], None] | None = None,
     rerun_failed: bool = True,
+    use_masks: bool = True,
 ) -> dict:
     """Run every method on every case, score it, and write results.json and the reports.
 
+    ``use_masks=False`` runs every method without the cases' masks (as a user without masks would).
     Returns the results dictionary (also in ``out/results.json``).
     """
     out = Path(out)
@@ -196,10 +204,11 @@ def run_benchmark(
             continue
         for spec in methods:
             step += 1
-            rows.append(_run_one(case, spec, out, task, timeout_s, rerun_failed, say, f"[{step}/{total}]"))
+            rows.append(_run_one(case, spec, out, task, timeout_s, rerun_failed, say, f"[{step}/{total}]", use_masks))
     results = {
         "task": task,
         "methods": [spec.label for spec in methods],
+        "masks": "case masks given to the methods that use them" if use_masks else "none (every method without masks)",
         "cases": cases_info,
         "rows": rows,
         "summary": summarize_rows(rows),
@@ -210,7 +219,8 @@ def run_benchmark(
 
 
 def _run_one(
-    case: Case, spec: MethodChoice, out: Path, task: str, timeout_s, rerun_failed: bool, say, prefix: str
+    case: Case, spec: MethodChoice, out: Path, task: str, timeout_s, rerun_failed: bool, say, prefix: str,
+    use_masks: bool = True,
 ) -> dict:
     run_dir = out / "runs" / case.name / spec.label.replace(":", "_")
     done = _row_done(run_dir)
@@ -219,7 +229,7 @@ def _run_one(
         return done
     say(f"{prefix} {case.name} {spec.label}: running ...")
     if task == "register":
-        wall, error = run_registration_process(case, spec, run_dir, timeout_s=timeout_s)
+        wall, error = run_registration_process(case, spec, run_dir, timeout_s=timeout_s, use_masks=use_masks)
         row: dict = {"case": case.name, "method": spec.label, "wall_s": wall}
         if error is None:
             try:

@@ -40,6 +40,14 @@ from regsam.register import torch_fields as tf
 from regsam.register.deformable import HU_RANGE, mind_ssc
 
 
+#: Cost (in units of the mean cost) added at the edge of the search cube, growing with |d|^2: breaks ties
+#: towards zero motion where features are flat, far too small to move a real minimum.
+TIE_BREAK = 0.01
+#: Refine the last coupling round's choices below the candidate step (parabola per axis): 0.74 -> 0.58 mm mean TRE
+#: on a held-out thorax pair with 38 mm motion (capture stage alone).
+SUBVOXEL = True
+
+
 @dataclass(frozen=True)
 class CaptureSettings:
     """Search settings, one entry per level (coarsest first); distances in mm.
@@ -131,7 +139,9 @@ def _cost_volume(
     The moving cells are split into ``stride^3`` phase grids, so that every candidate is a contiguous
     shift of one of them (strided windows and an (N, K) layout were 20x slower on CPU).
     """
-    pooled_f = F.avg_pool3d(fixed_f, stride, stride=stride, ceil_mode=True)
+    # both sides pad their far ends the same way (replicate), so an unmoved cell costs exactly 0 at d = 0
+    pad = [p for n in reversed(fixed_f.shape[2:]) for p in (0, (-n) % stride)]
+    pooled_f = F.avg_pool3d(F.pad(fixed_f, pad, mode="replicate"), stride, stride=stride)
     cells = F.avg_pool3d(F.pad(moving_f, [0, stride - 1] * 3, mode="replicate"), stride, stride=1)
     shape = tuple(pooled_f.shape[2:])
     padded = F.pad(cells, [radius] * 6, mode="replicate")
@@ -147,6 +157,9 @@ def _cost_volume(
         torch.mean((window - pooled_f) ** 2, dim=1, keepdim=True, out=cost[k : k + 1])
     cost = cost.reshape(len(candidates), -1)
     cost /= cost.mean().clamp_min(1e-12)
+    # where the features are flat (air, identical images) every candidate costs the same: prefer no motion
+    steps2 = (candidates.to(cost.dtype) ** 2).sum(dim=1, keepdim=True).to(cost.device)
+    cost += TIE_BREAK * steps2 / max(radius, 1) ** 2
     return cost, candidates.to(fixed_f.dtype).to(fixed_f.device), shape
 
 
@@ -167,22 +180,50 @@ def _region_smooth(field: torch.Tensor, inside: torch.Tensor | None, sigma_vox: 
     return out
 
 
+def _subvoxel(total: torch.Tensor, best: torch.Tensor, width: int) -> torch.Tensor:
+    """Parabola through the cost at the argmin and its two neighbours along each axis: (n, 3) offsets in [-0.5, 0.5].
+
+    ``total`` is (K, n) over a cube of ``width^3`` candidates ordered z, y, x (x fastest); at the cube's faces
+    the offset is 0.
+    """
+    column = torch.arange(total.shape[1], device=total.device)
+    c0 = total[best, column]
+    index = torch.stack([best // (width * width), (best // width) % width, best % width], dim=1)
+    offsets = torch.zeros((total.shape[1], 3), dtype=total.dtype, device=total.device)
+    for axis, stride in enumerate((width * width, width, 1)):
+        inner = (index[:, axis] > 0) & (index[:, axis] < width - 1)
+        lo = total[(best - stride).clamp(0, total.shape[0] - 1), column]
+        hi = total[(best + stride).clamp(0, total.shape[0] - 1), column]
+        curvature = lo - 2.0 * c0 + hi
+        # an exact match (cost 0: an unmoved image) is not refined; its neighbours' asymmetry is not a shift
+        usable = inner & (curvature > 1e-9) & (c0 > 1e-6)
+        step = torch.where(usable, 0.5 * (lo - hi) / curvature.clamp_min(1e-9), torch.zeros_like(c0))
+        offsets[:, axis] = step.clamp(-0.5, 0.5)
+    return offsets
+
+
 def _couple(cost: torch.Tensor, candidates: torch.Tensor, shape: tuple, start: torch.Tensor, inside, sigma_vox: float,
             coupling: tuple[float, ...]) -> torch.Tensor:
-    """Coupled convex optimisation on the control grid; returns the smooth field (1, 3, *shape), control voxels."""
+    """Coupled convex optimisation on the control grid; returns the smooth field (1, 3, *shape), control voxels.
+
+    The last round refines each choice below the candidate step (:func:`_subvoxel`).
+    """
     d2 = (candidates**2).sum(dim=1)
+    width = round(len(candidates) ** (1 / 3))
     field = start
     chunk = 16384  # rows of the (N, K) sums at a time: bounded memory
-    for theta in coupling:
+    for round_, theta in enumerate(coupling):
+        last = round_ == len(coupling) - 1
         smooth = _region_smooth(field, inside, sigma_vox)
         v = smooth.flatten(2)[0].T  # (N, 3)
-        best = torch.empty(len(v), dtype=torch.long, device=v.device)
+        chosen = torch.empty_like(v)
         for a in range(0, len(v), chunk):
             part = cost[:, a : a + chunk]  # (K, n)
             if theta > 0:  # cost + theta |d - v|^2 without the |v|^2 that every candidate shares
                 part = torch.addmm(part + theta * d2[:, None], candidates, v[a : a + chunk].T, alpha=-2.0 * theta)
-            best[a : a + chunk] = part.argmin(dim=0)
-        field = candidates[best].T.reshape((1, 3) + shape)
+            best = part.argmin(dim=0)
+            chosen[a : a + chunk] = candidates[best] + (_subvoxel(part, best, width) if last and SUBVOXEL else 0.0)
+        field = chosen.T.reshape((1, 3) + shape)
     return _region_smooth(field, inside, sigma_vox)
 
 

@@ -152,10 +152,25 @@ _CONVEXADAM_SETTINGS = frozenset(
      "grid_sp_adam", "ic"}
 )
 
-#: Method name -> :class:`MethodSpec`, in the README's order.
+#: Method name -> :class:`MethodSpec`, in the README's order (the default, ``sam``, first).
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
+        MethodSpec(
+            name="sam",
+            run=_run_sam,
+            presets=("fast", "accurate"),
+            default_preset="fast",
+            options=frozenset({"stages", "device", "weights", "seed"}),
+            uses_masks=frozenset({"fixed"}),
+            summary="SAM embedding matches -> RANSAC affine -> large-motion capture (discrete search over MIND-SSC "
+            "and SAM features at 4 and 2 mm, +-24 mm, convex coupling smoothed separately inside and outside the "
+            "lungs so they slide, folds smoothed locally); `accurate` adds a third search level on 2 mm cells; "
+            "`--stages` can add `coarse` (smooth fit of the matches) and `deformable` (MONAI LNCC + bending energy "
+            "from the capture residual, sliding)",
+            preset_table="regsam.register.sam:PRESETS",
+            mask_note="lungs: the search box and the sliding surface; default: the automatic lung mask",
+        ),
         MethodSpec(
             name="elastix",
             run=_run_elastix,
@@ -172,21 +187,6 @@ METHODS: dict[str, MethodSpec] = {
             mask_note="elastix samples inside them",
         ),
         MethodSpec(
-            name="sam",
-            run=_run_sam,
-            presets=("fast", "accurate"),
-            default_preset="fast",
-            options=frozenset({"stages", "device", "weights", "seed"}),
-            uses_masks=frozenset({"fixed"}),
-            summary="SAM embedding matches -> RANSAC affine -> large-motion capture (discrete search over MIND-SSC "
-            "and SAM features at 4 and 2 mm, +-24 mm, convex coupling smoothed separately inside and outside the "
-            "lungs so they slide, folds smoothed locally); `accurate` adds a third search level at 2 mm and a "
-            "deformable refinement stage (MONAI LNCC + bending energy, sliding); stages `coarse` and "
-            "`deformable` can be added with `--stages`",
-            preset_table="regsam.register.sam:PRESETS",
-            mask_note="lungs: the search box and the sliding surface; default: the automatic lung mask",
-        ),
-        MethodSpec(
             name="sam+elastix",
             run=_run_sam_elastix,
             presets=("lung", "fast"),
@@ -201,17 +201,6 @@ METHODS: dict[str, MethodSpec] = {
             mask_note="passed to elastix",
         ),
         MethodSpec(
-            name="ants",
-            run=_run_ants,
-            presets=("synra", "cc"),
-            default_preset="synra",
-            options=frozenset({"seed"}),
-            uses_masks=frozenset(),
-            summary="ANTs SyN (antspyx 0.6.3, the `peers` extra): `SyNRA` (rigid + affine + SyN, Mattes MI) with "
-            "antspyx's standard settings on 2 mm copies; `cc`: SyN with cross-correlation",
-            preset_table="regsam.register.ants:ANTS_PRESETS",
-        ),
-        MethodSpec(
             name="convexadam",
             run=_run_convexadam,
             presets=("lung", "default", "fast"),
@@ -221,6 +210,17 @@ METHODS: dict[str, MethodSpec] = {
             summary="ConvexAdam (convexadam 0.2.0, MIND-SSC); no affine stage",
             preset_table="regsam.register.presets:CONVEXADAM_PRESETS",
             mask_note="both or none: one alone is not used",
+        ),
+        MethodSpec(
+            name="ants",
+            run=_run_ants,
+            presets=("synra", "cc"),
+            default_preset="synra",
+            options=frozenset({"seed"}),
+            uses_masks=frozenset(),
+            summary="ANTs SyN (antspyx 0.6.3, the `peers` extra): `SyNRA` (rigid + affine + SyN, Mattes MI) with "
+            "antspyx's standard settings on 2 mm copies; `cc`: SyN with cross-correlation",
+            preset_table="regsam.register.ants:ANTS_PRESETS",
         ),
     )
 }

@@ -194,14 +194,25 @@ class Stage(Protocol):
     def run(self, state: SamState) -> None: ...
 
 
+#: The affine is kept only if it explains the inlier matches this much better (rms) than no motion at all; the
+#: matches are quantised to the embedding grid (~2 mm rms on an image and itself), so an affine fitted to an
+#: unmoved pair is off by a few tenths of a mm that no later stage can resolve below its search step.
+AFFINE_MIN_GAIN = 1.05
+
+
 class AffineStage:
     name = "affine"
 
     def run(self, state: SamState) -> None:
-        _ensure_matches(state)
-        fit = fit_correspondence_affine(state.corr, state.cfg, state.seed)
-        state.affine = fit.transform
-        state.extras["affine"] = affine_summary(fit)
+        corr = _ensure_matches(state)
+        fit = fit_correspondence_affine(corr, state.cfg, state.seed)
+        summary = affine_summary(fit)
+        inliers = corr.inlier
+        rms_identity = float(np.sqrt(np.mean(np.sum((corr.moving[inliers] - corr.fixed[inliers]) ** 2, axis=1))))
+        summary["rms_identity_mm"] = rms_identity
+        summary["kept"] = rms_identity > AFFINE_MIN_GAIN * float(fit.rms_inlier_mm)
+        state.affine = fit.transform if summary["kept"] else sitk.AffineTransform(3)
+        state.extras["affine"] = summary
 
 
 class CoarseStage:

@@ -1,4 +1,4 @@
-"""sim4dct from a user's CT: named, cached per CT content, offset variant, strict on bad input."""
+"""sim4dct and thorax4dct from a user's CT: named, cached per CT content, offset variant, strict on bad input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from regsam.bench.datasets import sim4dct_cases
+import SimpleITK as sitk
+
+from regsam.bench.datasets import sim4dct_cases, thorax4dct_cases
 from regsam.data.case import load_case
 from regsam.errors import InputError
 
@@ -39,3 +41,18 @@ def test_sim4dct_bad_input(tmp_path, dirlab_landmarks):
     with pytest.raises(InputError, match="CT not found"):
         sim4dct_cases(tmp_path, dirlab_landmarks, cases=(4,), source_cts=[tmp_path / "ct.nii.gz"])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_thorax4dct_from_a_named_ct_slides_and_keeps_in_plane_spacing(chest_crop_path, dirlab_landmarks, tmp_path):
+    """One parametric pair from a small chest crop: native in-plane spacing, 2.5 mm slices, sliding, cached."""
+    (folder,) = thorax4dct_cases(tmp_path, dirlab_landmarks, source_cts=[chest_crop_path],
+                                 motions=["parametric_28mm"], offsets=False)
+    meta = json.loads((folder / "meta.json").read_text())
+    own = sitk.ReadImage(str(chest_crop_path)).GetSpacing()
+    assert meta["spacing_mm"] == pytest.approx([own[0], own[1], max(own[2], 2.5)])
+    assert meta["sliding"] and meta["config"]["sliding"] is True
+    assert thorax4dct_cases(tmp_path, dirlab_landmarks, source_cts=[chest_crop_path],
+                            motions=["parametric_28mm"], offsets=False) == [folder]
+    with pytest.raises(InputError, match="thorax4dct motions"):
+        thorax4dct_cases(tmp_path, dirlab_landmarks, source_cts=[chest_crop_path], motions=["nope"])

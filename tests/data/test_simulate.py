@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from regsam.data.case import load_case
 from regsam.data.simulate import SimulationConfig, simulate_case, simulate_case_from_file
@@ -335,3 +336,39 @@ def test_ct_without_lungs_is_rejected(crop):
     soft.CopyInformation(crop)
     with pytest.raises(InputError, match="lung"):
         simulate_case(soft, SimulationConfig())
+
+
+@pytest.fixture(scope="module")
+def sliding_pair(sample_ct):
+    ct, labels = sample_ct
+    return simulate_case(ct, SimulationConfig(seed=5, noise_hu=NOISE, amplitude_mm=30.0, sliding=True), labels)
+
+
+def test_sliding_lungs_jump_tangentially_and_keep_the_gt_exact(sliding_pair):
+    """Across the side walls the head-feet motion jumps (lungs slide past the ribs); the normal motion does not tear.
+
+    Along the lateral lung surface (middle half of its height), voxels 4-8 mm inside the lungs move much more
+    head-feet than voxels 4-8 mm outside; the field still maps the landmarks exactly and the lung mass is kept.
+    """
+    pair = sliding_pair
+    lungs = _arr(pair.fixed_mask) > 0
+    spacing = pair.fixed.GetSpacing()[::-1]
+    inside = ndimage.distance_transform_edt(lungs, sampling=spacing)
+    outside = ndimage.distance_transform_edt(~lungs, sampling=spacing)
+    rows = np.flatnonzero(lungs.any(axis=(1, 2)))
+    mid = np.zeros_like(lungs)
+    mid[int(np.percentile(rows, 25)) : int(np.percentile(rows, 75))] = True
+    uz = sitk.GetArrayFromImage(pair.gt_disp)[..., 2]
+    body = _arr(pair.fixed_body) > 0
+    near_in = mid & (inside >= 4) & (inside <= 8)
+    near_out = mid & body & (outside >= 4) & (outside <= 8)
+    assert np.abs(uz[near_in]).mean() > 2.0 * np.abs(uz[near_out]).mean() + 1.0
+    mapped = _map(pair, pair.fixed_points)
+    assert np.abs(mapped - pair.moving_points).max() < 1e-6
+    assert pair.meta["sliding"] and pair.meta["lung_p99_abs_uz_mm"] > 15.0
+
+
+def test_without_sliding_the_motion_is_continuous(sample_pair):
+    """The default (no sliding) field fades smoothly: neighbouring voxels never differ by more than ~1 mm."""
+    uz = sitk.GetArrayFromImage(sample_pair.gt_disp)[..., 2]
+    assert np.abs(np.diff(uz, axis=2)).max() < 1.5

@@ -52,7 +52,7 @@ def assert_one_line(proc: subprocess.CompletedProcess, code: int, *words: str) -
 @pytest.mark.parametrize(
     "extra,words",
     [
-        (["--device", "cpu"], ["--method elastix does not take --device"]),
+        (["--method", "elastix", "--device", "cpu"], ["--method elastix does not take --device"]),
         (["--method", "convexadam", "--stages", "affine"], ["--method convexadam does not take --stages"]),
         (["--method", "sam", "--moving-mask", "MASK"], ["'sam' does not use a moving mask"]),
         (["--method", "demons"], ["unknown registration method 'demons'"]),
@@ -77,7 +77,7 @@ def test_nan_nifti_is_one_line_exit_2_and_nan_value_replaces(chest_crop_path, ct
     assert not (tmp_path / "out").exists()
 
     code = main(["register", str(tmp_path / "nan.nii.gz"), str(ct3_path), "--out", str(tmp_path / "out"),
-                 "--preset", "fast", "--stages", "affine", "--nan-value", "-1024"])
+                 "--method", "elastix", "--preset", "fast", "--stages", "affine", "--nan-value", "-1024"])
     assert code == 0
     warped_from = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "warped.nii.gz")))
     assert np.isfinite(warped_from).all()
@@ -102,7 +102,8 @@ def test_method_failing_inside_is_one_line_exit_1(ct3_path, tmp_path, monkeypatc
         return register_elastix(fixed, moving, stages="bspline", initial_transform=far, **kwargs)
 
     monkeypatch.setitem(METHODS, "elastix", dataclasses.replace(METHODS["elastix"], run=far_away))
-    code = main(["register", str(ct3_path), str(ct3_path), "--out", str(tmp_path / "out"), "--preset", "fast"])
+    code = main(["register", str(ct3_path), str(ct3_path), "--out", str(tmp_path / "out"), "--method", "elastix",
+                 "--preset", "fast"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1, err
     assert err.startswith("regsam: error: method 'elastix' failed: elastix bspline stage failed: ")

@@ -238,7 +238,7 @@ def test_fixed_image_with_a_flipped_direction(ct):
     truth = sitk.TranslationTransform(3, (4.0, -5.0, 3.0))
     fixed = sitk.DICOMOrient(sitk.Resample(ct, moving, truth, sitk.sitkLinear, -1024.0), "RAS")
     assert fixed.GetDirection()[0] == -1.0
-    result = register(fixed, moving, preset="fast", stages=("affine",))
+    result = register(fixed, moving, method="elastix", preset="fast", stages=("affine",))
     assert result.displacement.GetDirection() == fixed.GetDirection()
     assert result.displacement.GetOrigin() == fixed.GetOrigin()
     points = structure_points(fixed, n=100, margin_mm=15.0)
@@ -256,7 +256,7 @@ def test_two_linear_stages_compose_in_elastix_order(ct, tmp_path):
     rigid.write_text(text.replace('(Transform "AffineTransform")', '(Transform "EulerTransform")'))
     affine = tmp_path / "affine.txt"
     affine.write_text(text.replace("(MaximumNumberOfIterations 250)", "(MaximumNumberOfIterations 150)"))
-    result = register(fixed, moving, parameter_files=[rigid, affine])
+    result = register(fixed, moving, method="elastix", parameter_files=[rigid, affine])
     assert [s["name"] for s in result.extras["elastix"]["stages"]] == ["rigid", "affine"]
     assert result.preset == "custom"
     points = structure_points(fixed, n=100, margin_mm=15.0)
@@ -289,6 +289,7 @@ def test_fixed_mask_is_used_and_bad_options_are_input_errors(breathing_case):
     result = register(
         fixed,
         moving,
+        method="elastix",
         preset="fast",
         fixed_mask=body,
         moving_mask=moving_body,
@@ -297,9 +298,9 @@ def test_fixed_mask_is_used_and_bad_options_are_input_errors(breathing_case):
     )
     assert result.extras["elastix"]["fixed_mask"] is True and result.extras["elastix"]["moving_mask"] is True
     with pytest.raises(InputError, match="unknown elastix preset"):
-        register(fixed, moving, preset="nope")
+        register(fixed, moving, method="elastix", preset="nope")
     with pytest.raises(InputError, match="unknown elastix stage"):
-        register(fixed, moving, preset="fast", stages=("demons",))
+        register(fixed, moving, method="elastix", preset="fast", stages=("demons",))
 
 
 def test_no_elastix_files_in_working_directory(breathing_case, tmp_path, monkeypatch, capfd):

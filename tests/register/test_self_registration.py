@@ -51,7 +51,7 @@ def self_register(path: Path, out: Path, *extra: str) -> tuple[np.ndarray, dict]
 
 def test_elastix_on_an_image_and_itself_is_identity(ct3_path, tmp_path, capsys):
     """Was: ``RuntimeError: elastix bspline stage failed`` (the B-spline stage starts with a zero gradient)."""
-    u, summary = self_register(ct3_path, tmp_path / "out")
+    u, summary = self_register(ct3_path, tmp_path / "out", "--method", "elastix")
     assert capsys.readouterr().err == ""
     assert u.mean() < IDENTITY_MM and u.max() < 0.5, (u.mean(), u.max())
     stages = {s["name"]: s for s in summary["extras"]["elastix"]["stages"]}
@@ -80,11 +80,8 @@ def test_convexadam_on_an_image_and_itself_is_near_identity(ct3_path, tmp_path):
     assert summary["extras"]["convexadam"]["settings"]["spacing_mm"] == 1.5
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="sam passes its embedding-matching noise into the field when nothing moves "
-    "(2026-12-01: mean |u| 0.46 mm, max 3.1 mm); regsam/register/sam.py is being reworked",
-)
-def test_sam_on_an_image_and_itself_is_near_identity(ct3_path, tmp_path):
-    u, _ = self_register(ct3_path, tmp_path / "out", "--method", "sam")
+def test_default_method_is_sam_and_near_identity_on_an_image_and_itself(ct3_path, tmp_path):
+    """``regsam register IMG IMG --out O`` (no --method) runs SAM and returns (near-)identity."""
+    u, summary = self_register(ct3_path, tmp_path / "out")
+    assert summary["method"] == "sam" and summary["preset"] == "fast"
     assert u.mean() < IDENTITY_MM, (u.mean(), u.max())
