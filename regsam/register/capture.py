@@ -39,7 +39,6 @@ from regsam.io.transforms import TransformLike, as_transform
 from regsam.register import torch_fields as tf
 from regsam.register.deformable import HU_RANGE, mind_ssc
 
-
 #: Cost (in units of the mean cost) added at the edge of the search cube, growing with |d|^2: breaks ties
 #: towards zero motion where features are flat, far too small to move a real minimum.
 TIE_BREAK = 0.01

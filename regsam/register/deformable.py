@@ -411,8 +411,11 @@ def _level_loss(data, feat, use_embed: bool, cfg, regulariser, lncc, warp, warp_
 
 
 def _final_field(fixed, work, ddf_work, u0_local, warp, dev, max_fold_repairs: int) -> tuple[sitk.Image, float, dict]:
-    """u = r + u0(x + r) on the fixed grid; if it folds, smooth r (then the whole field) until it does not."""
+    """u = r + u0(x + r) on the fixed grid, smoothed locally where it folds; if it still folds (on the fixed grid),
+    smooth r (then the whole field) until it does not."""
     fixed_geo = grid_of(fixed)
+
+    unfold_rounds: list[int] = []
 
     def field_of(ddf_vox: torch.Tensor, total_sigma: float = 0.0) -> sitk.Image:
         with torch.no_grad():
@@ -420,6 +423,9 @@ def _final_field(fixed, work, ddf_work, u0_local, warp, dev, max_fold_repairs: i
             total = r_local if u0_local is None else r_local + warp(u0_local, ddf_vox)
             if total_sigma > 0:
                 total = tf.gaussian_blur(total, [total_sigma] * 3)
+            # first smooth only where it folds (keeps sliding and sharp valid motion elsewhere)
+            total, rounds = tf.unfold_locally(total, tuple(float(v) for v in work.GetSpacing()[::-1]), min_det=0.1)
+            unfold_rounds.append(rounds)
         on_work = tf.local_mm_to_field(total, work)
         if tf.grid_shape(work) == tf.grid_shape(fixed_geo):
             on_work.CopyInformation(fixed_geo)
@@ -448,7 +454,8 @@ def _final_field(fixed, work, ddf_work, u0_local, warp, dev, max_fold_repairs: i
         repair["field_sigma_voxels"] = 0.5 * extra
         result = field_of(smoothed, total_sigma=0.5 * extra)
         lowest, share = min_det(result)
-    repair.update({"repairs": repairs + extra, "folded_after": share, "min_det_after": lowest})
+    repair.update({"repairs": repairs + extra, "folded_after": share, "min_det_after": lowest,
+                   "local_unfold_rounds": unfold_rounds})
     return result, share, repair
 
 

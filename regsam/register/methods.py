@@ -165,9 +165,9 @@ METHODS: dict[str, MethodSpec] = {
             uses_masks=frozenset({"fixed"}),
             summary="SAM embedding matches -> RANSAC affine -> large-motion capture (discrete search over MIND-SSC "
             "and SAM features at 4 and 2 mm, +-24 mm, convex coupling smoothed separately inside and outside the "
-            "lungs so they slide, folds smoothed locally); `accurate` adds a third search level on 2 mm cells; "
-            "`--stages` can add `coarse` (smooth fit of the matches) and `deformable` (MONAI LNCC + bending energy "
-            "from the capture residual, sliding)",
+            "lungs so they slide, folds smoothed locally); `accurate` adds the deformable stage (MONAI LNCC + bending "
+            "energy at 4 and 2 mm from the capture residual, sliding, steps stopped on convergence): more precise "
+            "for small motion, slower, and worse at the lung base of a full thorax",
             preset_table="regsam.register.sam:PRESETS",
             mask_note="lungs: the search box and the sliding surface; default: the automatic lung mask",
         ),

@@ -72,22 +72,17 @@ class SamPreset(MatchSettings):
             raise InputError("sam preset: mask_spacing_mm must be > 0, lung_margin_mm >= 0, feature_components >= 1")
 
 
-# The capture stage alone ends within ~0.7 mm on held-out full-thorax pairs with 20-38 mm motion; the LNCC
-# refinement of the deformable stage made that worse there (0.70 -> 0.89-1.06 mm on the 38 mm pair, for 10-100 s),
-# so it is not a default stage; when asked for it starts from the capture residual at 4 and 2 mm (sliding).
+# The capture stage alone ends at 0.58 mm on a held-out full-thorax pair with 38 mm lung-base motion. The LNCC
+# refinement of the deformable stage helps small motion (there: 0.52 -> 0.36 mm for points moving < 10 mm; a
+# held-out heart crop with DIR-Lab case 4 motion: 0.61 -> 0.20 mm) but pulls the lung base (> 20 mm: 0.65 ->
+# 1.5 mm) and costs minutes on a full thorax, so it is in ``accurate`` only, with small steps (lr 0.03 voxel).
 _DEFORMABLE_CAPTURED: dict[str, Any] = {
     "spacing_mm": 2.0, "levels": 2, "iterations": (40, 30), "finest_control_ratio": 2, "embed_levels": 0,
-    "weight_smooth": 0.005, "tolerance": 0.002,
+    "weight_smooth": 0.005, "tolerance": 0.002, "lr": 0.03,
 }
 PRESETS: dict[str, SamPreset] = {
     "fast": SamPreset(stages=("affine", "capture"), deformable_overrides=_DEFORMABLE_CAPTURED),
-    # a wider second search (+-6 mm) and a third level on 2 mm cells (one voxel each way)
-    "accurate": SamPreset(
-        stages=("affine", "capture"),
-        capture=CaptureSettings(feature_spacing_mm=(4.0, 2.0, 2.0), control_stride=(2, 2, 1), radius=(6, 3, 1),
-                                smoothing_mm=(10.0, 6.0, 4.0)),
-        deformable_overrides=_DEFORMABLE_CAPTURED,
-    ),
+    "accurate": SamPreset(stages=("affine", "capture", "deformable"), deformable_overrides=_DEFORMABLE_CAPTURED),
 }
 DEFAULT_PRESET = "fast"
 

@@ -127,8 +127,9 @@ def test_sam_bad_input_is_one_line_exit_2(chest_crop_path, tmp_path):
 
 @pytest.mark.slow
 def test_register_sam_end_to_end_without_masks(held_out_ct):
-    """The whole fast preset through the public API, no masks given: the automatic body mask weights the
-    deformable similarity, the result beats the coarse start on a simulated breathing pair and does not fold."""
+    """The whole fast preset (affine + capture) through the public API, no masks given: the automatic lung mask
+    bounds the search and is the sliding surface; the result beats the smooth coarse fit of the matches on a
+    simulated breathing pair and does not fold."""
     from regsam.data.simulate import SimulationConfig, simulate_case
     from regsam.register.api import register
 
@@ -140,6 +141,7 @@ def test_register_sam_end_to_end_without_masks(held_out_ct):
     final_tre = float(np.linalg.norm(result.map_points(pair.fixed_points) - pair.moving_points, axis=1).mean())
     assert initial > 3.0 and final_tre < coarse_tre < initial, (initial, coarse_tre, final_tre)
     assert final_tre < 1.0
-    assert result.extras["deformable"]["similarity_mask"] == "automatic body"
+    assert result.extras["stages"] == ["affine", "capture"] and result.extras["masks"]["lungs"] == "automatic"
+    assert result.extras["capture"]["sliding"] is True
     assert folding_share(result.displacement) == 0.0
     assert "correspondences.csv" in result.artifacts and result.affine is not None
