@@ -23,10 +23,9 @@ similarity (lungs' box), and give the sliding surface; a given ``fixed_mask`` re
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,6 +44,7 @@ from regsam.register.capture import CaptureSettings, capture_motion
 from regsam.register.deformable import refine_deformable
 from regsam.register.presets import choose_preset
 from regsam.register.result import RegistrationResult
+from regsam.register.stages import Stage, timed
 
 STAGES = ("affine", "coarse", "capture", "deformable")
 
@@ -169,24 +169,6 @@ class SamState:
         if self.features is None:
             self.features = shared_pca_features(self.fixed_emb.fine, self.moving_emb.fine, self.cfg.feature_components, self.seed)
         return self.features
-
-
-@contextmanager
-def timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall time (s) of the ``with`` block to ``timings[name]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-
-
-class Stage(Protocol):
-    """One step of the SAM method: reads and extends the shared :class:`SamState`."""
-
-    name: str
-
-    def run(self, state: SamState) -> None: ...
 
 
 #: The affine is kept only if it explains the inlier matches this much better (rms) than no motion at all; the
