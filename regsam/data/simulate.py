@@ -542,7 +542,8 @@ def _sliding_field(ct, lungs, grid, pts, u_in, lung_coarse, rigid, config, smoot
     u_out = ndimage.gaussian_filter(u_out, sigma=(sigma,) * 3 + (0,), mode="nearest")
     inside = _full_field(rigid.apply(pts, u_in), grid, ct)
     # u_out is used outside the lungs only (inside them its normals, from a distance ridge, are meaningless)
-    out_min = float(sitk.GetArrayViewFromImage(_min_jacobian(_vector_image(u_out, grid))[1])[~lung_fixed].min())
+    out_jacobian = _min_jacobian(_vector_image(u_out, grid))[1]  # kept alive: an array view needs its image
+    out_min = float(sitk.GetArrayFromImage(out_jacobian)[~lung_fixed].min())
     tissue_min, tissue_jac = _min_jacobian(inside)
     # the fixed lungs on the CT grid: where the lung motion lands inside the moving lungs
     lung_img = sitk.Resample(sitk.Cast(lungs, sitk.sitkFloat32), ct, sitk.DisplacementFieldTransform(sitk.Image(inside)),
