@@ -48,6 +48,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -67,6 +70,7 @@ from regsam.register.presets import (
     preset_settings,
 )
 from regsam.register.result import RegistrationResult
+from regsam.register.stages import timed
 
 #: Preset name -> :class:`~regsam.register.presets.ConvexAdamPreset`.
 PRESETS: dict[str, ConvexAdamPreset] = CONVEXADAM_PRESETS
@@ -125,6 +129,96 @@ def _mask_file(mask: sitk.Image, grid: sitk.Image, multiple: int, folder: str, n
     return path
 
 
+@dataclass
+class _WorkingPair:
+    """Both images on ConvexAdam's working grid, as the arrays it takes."""
+
+    grid: sitk.Image  # the working grid (corner-aligned with the fixed grid)
+    shape: tuple[int, int, int]  # (z, y, x) voxels of the grid, before padding
+    fixed_arr: np.ndarray  # (z, y, x), padded at the far ends to a multiple of ``multiple``
+    moving_arr: np.ndarray
+    multiple: int
+
+
+def _working_pair(
+    fixed_f: sitk.Image, moving_f: sitk.Image, cfg: ConvexAdamPreset, both_masks: bool
+) -> _WorkingPair:
+    """Resample both (float32) images onto the working grid and pad them to what the package assumes."""
+    if cfg.spacing_mm is None:
+        work = tf.corner_aligned_grid(fixed_f, size_xyz=fixed_f.GetSize())
+    else:
+        work = tf.corner_aligned_grid(fixed_f, float(cfg.spacing_mm))
+    spacing = np.array(work.GetSpacing())
+    identity = sitk.Transform()
+    fixed_w = sitk.Resample(antialias(fixed_f, spacing), work, identity, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    moving_w = sitk.Resample(antialias(moving_f, spacing), work, identity, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    shape = tf.grid_shape(work)
+    multiple = math.lcm(cfg.grid_sp, cfg.grid_sp_adam)
+    if any(s < 2 * cfg.grid_sp + 1 for s in shape):
+        raise InputError(
+            f"image too small for convexadam: working grid {work.GetSize()} voxels at {cfg.spacing_mm} mm; "
+            f"every axis needs more than 2 * grid_sp = {2 * cfg.grid_sp} voxels (use a finer spacing_mm)"
+        )
+    if multiple % 2 and both_masks:
+        multiple *= 2  # its mask handling subsamples by 2
+    fixed_arr = _pad_to(sitk.GetArrayFromImage(fixed_w), multiple)
+    moving_arr = _pad_to(sitk.GetArrayFromImage(moving_w), multiple)
+    return _WorkingPair(work, shape, fixed_arr, moving_arr, multiple)
+
+
+def _run_convexadam(
+    convex_adam_pt: Callable[..., Any],
+    pair: _WorkingPair,
+    cfg: ConvexAdamPreset,
+    dev: torch.device,
+    fixed_mask: sitk.Image | None,
+    moving_mask: sitk.Image | None,
+) -> Any:
+    """``convex_adam_pt`` on the padded arrays: (Z, Y, X, 3) displacements in working voxels (array axis order)."""
+    use_mask = fixed_mask is not None and moving_mask is not None
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory(prefix="regsam-convexadam-") as tmp:
+        mask_paths = {}
+        if fixed_mask is not None and moving_mask is not None:
+            mask_paths["path_fixed_mask"] = _mask_file(fixed_mask, pair.grid, pair.multiple, tmp, "fixed mask")
+            mask_paths["path_moving_mask"] = _mask_file(moving_mask, pair.grid, pair.multiple, tmp, "moving mask")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.enable_grad():  # its Adam stage back-propagates, even if the caller disabled grad
+                disp = convex_adam_pt(
+                    img_fixed=torch.from_numpy(np.ascontiguousarray(pair.fixed_arr)),
+                    img_moving=torch.from_numpy(np.ascontiguousarray(pair.moving_arr)),
+                    mind_r=cfg.mind_r,
+                    mind_d=cfg.mind_d,
+                    lambda_weight=float(cfg.lambda_weight),
+                    grid_sp=cfg.grid_sp,
+                    disp_hw=cfg.disp_hw,
+                    selected_niter=cfg.selected_niter,
+                    selected_smooth=cfg.selected_smooth,
+                    grid_sp_adam=cfg.grid_sp_adam,
+                    ic=cfg.ic,
+                    use_mask=use_mask,
+                    dtype=dtype,
+                    verbose=False,
+                    device=dev,
+                    **mask_paths,
+                )
+    return disp
+
+
+def _field_on_fixed(disp: Any, pair: _WorkingPair, fixed: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """ConvexAdam's padded voxel displacements as a world field: ``(on the fixed grid, on the working grid)``."""
+    shape, work = pair.shape, pair.grid
+    disp = np.asarray(disp, dtype=np.float64)[: shape[0], : shape[1], : shape[2]]  # (z, y, x, 3) working voxels
+    ddf = torch.from_numpy(np.ascontiguousarray(disp.transpose(3, 0, 1, 2)))[None]  # channels = array axes z, y, x
+    on_work = tf.ddf_to_field(ddf, work)
+    if tf.grid_shape(work) == tf.grid_shape(fixed) and np.allclose(work.GetSpacing(), fixed.GetSpacing()):
+        on_work.CopyInformation(fixed)
+        return on_work, on_work
+    displacement = sitk.Resample(on_work, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+    return displacement, on_work
+
+
 def register_convexadam(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -157,88 +251,28 @@ def register_convexadam(
     dev = resolve_device(device)
     convex_adam_pt = _convex_adam_pt()
     timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
-    moving_f = sitk.Cast(moving, sitk.sitkFloat32)
-    if cfg.spacing_mm is None:
-        work = tf.corner_aligned_grid(fixed, size_xyz=fixed.GetSize())
-    else:
-        work = tf.corner_aligned_grid(fixed, float(cfg.spacing_mm))
-    spacing = np.array(work.GetSpacing())
-    identity = sitk.Transform()
-    fixed_w = sitk.Resample(antialias(fixed_f, spacing), work, identity, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
-    moving_w = sitk.Resample(antialias(moving_f, spacing), work, identity, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
-    shape = tf.grid_shape(work)
-    multiple = math.lcm(cfg.grid_sp, cfg.grid_sp_adam)
-    if any(s < 2 * cfg.grid_sp + 1 for s in shape):
-        raise InputError(
-            f"image too small for convexadam: working grid {work.GetSize()} voxels at {cfg.spacing_mm} mm; "
-            f"every axis needs more than 2 * grid_sp = {2 * cfg.grid_sp} voxels (use a finer spacing_mm)"
-        )
-    if multiple % 2 and (fixed_mask is not None and moving_mask is not None):
-        multiple *= 2  # its mask handling subsamples by 2
-    fixed_arr = _pad_to(sitk.GetArrayFromImage(fixed_w), multiple)
-    moving_arr = _pad_to(sitk.GetArrayFromImage(moving_w), multiple)
-    timings["resample"] = time.perf_counter() - t
-
     use_mask = fixed_mask is not None and moving_mask is not None
+    with timed(timings, "resample"):
+        fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
+        moving_f = sitk.Cast(moving, sitk.sitkFloat32)
+        pair = _working_pair(fixed_f, moving_f, cfg, use_mask)
     mask_note = None
     if (fixed_mask is None) != (moving_mask is None):
         mask_note = "one mask given; ConvexAdam's masking needs both, so it was not used"
-    t = time.perf_counter()
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    with tempfile.TemporaryDirectory(prefix="regsam-convexadam-") as tmp:
-        mask_paths = {}
-        if use_mask:
-            mask_paths["path_fixed_mask"] = _mask_file(fixed_mask, work, multiple, tmp, "fixed mask")
-            mask_paths["path_moving_mask"] = _mask_file(moving_mask, work, multiple, tmp, "moving mask")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.enable_grad():  # its Adam stage back-propagates, even if the caller disabled grad
-                disp = convex_adam_pt(
-                    img_fixed=torch.from_numpy(np.ascontiguousarray(fixed_arr)),
-                    img_moving=torch.from_numpy(np.ascontiguousarray(moving_arr)),
-                    mind_r=cfg.mind_r,
-                    mind_d=cfg.mind_d,
-                    lambda_weight=float(cfg.lambda_weight),
-                    grid_sp=cfg.grid_sp,
-                    disp_hw=cfg.disp_hw,
-                    selected_niter=cfg.selected_niter,
-                    selected_smooth=cfg.selected_smooth,
-                    grid_sp_adam=cfg.grid_sp_adam,
-                    ic=cfg.ic,
-                    use_mask=use_mask,
-                    dtype=dtype,
-                    verbose=False,
-                    device=dev,
-                    **mask_paths,
-                )
-    timings["convexadam"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    disp = np.asarray(disp, dtype=np.float64)[: shape[0], : shape[1], : shape[2]]  # (z, y, x, 3) working voxels
-    ddf = torch.from_numpy(np.ascontiguousarray(disp.transpose(3, 0, 1, 2)))[None]  # channels = array axes z, y, x
-    on_work = tf.ddf_to_field(ddf, work)
-    if tf.grid_shape(work) == tf.grid_shape(fixed) and np.allclose(work.GetSpacing(), fixed.GetSpacing()):
-        on_work.CopyInformation(fixed)
-        displacement = on_work
-    else:
-        displacement = sitk.Resample(
-            on_work, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True
-        )
-    timings["field"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    warped = warp_image(moving_f, fixed_f, displacement, "linear", AIR_HU)
-    timings["warp"] = time.perf_counter() - t
+    with timed(timings, "convexadam"):
+        disp = _run_convexadam(convex_adam_pt, pair, cfg, dev, fixed_mask, moving_mask)
+    with timed(timings, "field"):
+        displacement, on_work = _field_on_fixed(disp, pair, fixed)
+    with timed(timings, "warp"):
+        warped = warp_image(moving_f, fixed_f, displacement, "linear", AIR_HU)
     timings["total"] = time.perf_counter() - start
     det = sitk.GetArrayFromImage(jacobian_determinant(on_work))
+    work = pair.grid
     extras = {
         "convexadam": {
             "settings": preset_settings(cfg),
             "working_grid": {"size": list(work.GetSize()), "spacing_mm": [float(s) for s in work.GetSpacing()]},
-            "padded_shape_zyx": list(fixed_arr.shape),
+            "padded_shape_zyx": list(pair.fixed_arr.shape),
             "masks_used": use_mask,
             "mask_note": mask_note,
             "device": str(dev),

@@ -45,7 +45,9 @@ import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Mapping, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any, NamedTuple  # noqa: E402
 
 import itk  # noqa: E402
 import numpy as np  # noqa: E402
@@ -65,6 +67,7 @@ from regsam.register.presets import (  # noqa: E402
     preset_settings,
 )
 from regsam.register.result import RegistrationResult, linear_to_matrix  # noqa: E402
+from regsam.register.stages import Stage, timed  # noqa: E402
 
 CONFIG_DIR = ELASTIX_CONFIG_DIR
 
@@ -470,6 +473,273 @@ def transformix_points(parameter_object, moving: sitk.Image, points: np.ndarray)
     return np.array(out, dtype=np.float64).reshape(-1, 3)
 
 
+# ------------------------------------------------------------------ registration: setup
+@dataclass
+class _Plan:
+    """What the setup of one elastix registration decides: the stages' parameter maps and what they get added."""
+
+    label: str  # the preset's name, or "custom" for the caller's parameter files
+    preset_values: dict[str, Any] | None
+    files: list[Path]
+    pmaps: list[dict[str, list[str]]]
+    names: list[str]
+    points: tuple[np.ndarray, np.ndarray, set[str]] | None = None  # fixed, moving, the stages that use them
+    points_weights: dict[str, list[float]] = field(default_factory=dict)  # stage -> weight per resolution
+
+    def stages(self) -> list[Stage]:
+        """One :class:`_ElastixStage` per parameter map, in order."""
+        return [_ElastixStage(n, m, f, i) for i, (m, n, f) in enumerate(zip(self.pmaps, self.names, self.files))]
+
+
+def _plan_stages(
+    preset: str | None,
+    parameter_files: Sequence[str | os.PathLike] | None,
+    overrides: Mapping[str, object] | None,
+    stage_overrides: Mapping[str, Mapping[str, object]] | None,
+    stages: Sequence[str] | str | None,
+    seed: int | None,
+) -> _Plan:
+    """The parameter maps to run, one per stage, with the stage selection and the overrides applied."""
+    if parameter_files and preset is not None:
+        raise InputError("give either an elastix preset or parameter_files, not both")
+    preset_values: dict | None = None
+    if parameter_files:
+        files = [Path(p) for p in parameter_files]
+        label = "custom"
+    else:
+        label, chosen = choose_preset(PRESETS, preset, DEFAULT_PRESET, "elastix")
+        files = chosen.paths
+        preset_values = preset_settings(chosen)
+    pmaps = [read_parameter_map(f) for f in files]
+    names: list[str] = []
+    for pmap in pmaps:
+        names.append(_stage_name(pmap, set(names)))
+    if stages is not None:
+        # the one stage parser ("affine", "affine,bspline" or a list); imported here: regsam.register.sam
+        # imports torch and the embedder, which an elastix run does not otherwise need
+        from regsam.register.sam import parse_stages
+
+        wanted = parse_stages(stages, names, "elastix")
+        keep = [i for i, n in enumerate(names) if n in set(wanted)]
+        pmaps, names, files = [pmaps[i] for i in keep], [names[i] for i in keep], [files[i] for i in keep]
+    for key in stage_overrides or {}:
+        if key not in names:
+            raise InputError(f"stage_overrides: unknown stage '{key}' (stages: {', '.join(names)})")
+    for pmap, name in zip(pmaps, names):
+        for key, value in (overrides or {}).items():
+            pmap[str(key)] = _values(value)
+        for key, value in ((stage_overrides or {}).get(name) or {}).items():
+            pmap[str(key)] = _values(value)
+        if seed is not None:
+            pmap["RandomSeed"] = [str(int(seed))]
+    return _Plan(label, preset_values, files, pmaps, names)
+
+
+def _plan_points(
+    plan: _Plan,
+    corresponding_points: tuple[np.ndarray, np.ndarray] | None,
+    points_weights: float | Sequence[float],
+    points_stages: Sequence[str] | None,
+) -> None:
+    """Add the points metric to the stages that get the corresponding points (default: the B-spline ones)."""
+    if corresponding_points is None:
+        return
+    fixed_pts = as_points(corresponding_points[0], "fixed corresponding points")
+    moving_pts = as_points(corresponding_points[1], "moving corresponding points")
+    if len(fixed_pts) != len(moving_pts) or len(fixed_pts) == 0:
+        raise InputError(
+            f"corresponding points: {len(fixed_pts)} fixed and {len(moving_pts)} moving points; "
+            "need the same number, at least one"
+        )
+    names = plan.names
+    targets = list(points_stages) if points_stages is not None else [
+        n for n, m in zip(names, plan.pmaps) if m["Transform"][0] in ("BSplineTransform", "RecursiveBSplineTransform")
+    ]
+    unknown = [t for t in targets if t not in names]
+    if unknown or not targets:
+        raise InputError(
+            f"points_stages: unknown or no stage(s) {', '.join(unknown) or '(none)'} (stages: {', '.join(names)})"
+        )
+    for pmap, name in zip(plan.pmaps, names):
+        if name in targets:
+            key = _weight_key(pmap, add_points_metric(pmap, points_weights))
+            plan.points_weights[name] = [float(v) for v in pmap[key]]
+    plan.points = (fixed_pts, moving_pts, set(targets))
+
+
+# ------------------------------------------------------------------ registration: stages
+@dataclass
+class _ElastixState:
+    """One elastix registration while its stages run in the temporary ``folder``: images, transform so far, outputs."""
+
+    fixed_itk: Any
+    moving_itk: Any
+    fixed_mask_itk: Any
+    moving_mask_itk: Any
+    folder: Path
+    keep_logs: bool
+    timings: dict[str, float]
+    transform_object: Any = None  # itk.ParameterObject of every map so far (the initial ones first); None: identity
+    point_files: tuple[Path, Path] | None = None  # fixed, moving (elastix ``point`` files)
+    point_stages: set[str] = field(default_factory=set)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    stage_info: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _write_point_files(state: _ElastixState, points: tuple[np.ndarray, np.ndarray, set[str]]) -> None:
+    fixed_point_file = write_elastix_points(points[0], state.folder / "fixed_points.txt")
+    moving_point_file = write_elastix_points(points[1], state.folder / "moving_points.txt")
+    state.artifacts["elastix/fixed_points.txt"] = fixed_point_file.read_text()
+    state.artifacts["elastix/moving_points.txt"] = moving_point_file.read_text()
+    state.point_files, state.point_stages = (fixed_point_file, moving_point_file), points[2]
+
+
+def _run_elastix(state: _ElastixState, pmap: Mapping[str, Sequence[str]], name: str, stage_dir: Path):
+    """One elastix stage from the current transform; ``(registration, None)`` or ``(None, error text)``."""
+    stage_dir.mkdir()
+    reg = itk.ElastixRegistrationMethod.New(state.fixed_itk, state.moving_itk)
+    reg.SetParameterObject(_parameter_object([pmap]))
+    if state.point_files is not None and name in state.point_stages:
+        reg.SetFixedPointSetFileName(str(state.point_files[0]))
+        reg.SetMovingPointSetFileName(str(state.point_files[1]))
+    if state.fixed_mask_itk is not None:
+        reg.SetFixedMask(state.fixed_mask_itk)
+    if state.moving_mask_itk is not None:
+        reg.SetMovingMask(state.moving_mask_itk)
+    if state.transform_object is not None:
+        reg.SetInitialTransformParameterObject(state.transform_object)
+    reg.SetOutputDirectory(str(stage_dir))
+    reg.SetLogToConsole(False)
+    reg.SetLogToFile(True)
+    reg.SetLogFileName("elastix.log")
+    try:
+        reg.UpdateLargestPossibleRegion()
+    except RuntimeError as exc:
+        return None, _first_line(exc)
+    return reg, None
+
+
+class _Outcome(NamedTuple):
+    registration: Any  # None when the stage was left out
+    pmap: Mapping[str, Sequence[str]]  # the map that ran (the retry's, if retried)
+    log: str
+    skipped: str | None
+    retried: dict[str, list[str]] | None
+
+
+@dataclass
+class _ElastixStage:
+    """One parameter map, run by elastix from the current transform (a :class:`~regsam.register.stages.Stage`).
+
+    It clocks itself (``timings[name]``) because its record in ``stage_info`` holds its seconds.
+    """
+
+    name: str
+    pmap: dict[str, list[str]]
+    parameter_file: Path
+    index: int
+
+    def run(self, state: _ElastixState) -> None:
+        with timed(state.timings, self.name):
+            outcome = self._run_with_retry(state)
+        if outcome.registration is not None:
+            # The result object holds the initial maps followed by this stage's map.
+            state.transform_object = outcome.registration.GetTransformParameterObject()
+        if state.keep_logs and outcome.log:
+            state.artifacts[f"elastix/elastix_{self.name}.log"] = outcome.log
+        state.stage_info.append(
+            {
+                "name": self.name,
+                "transform": outcome.pmap["Transform"][0],
+                "parameter_file": str(self.parameter_file),
+                "final_metric": _final_metric(outcome.log),
+                "metrics": list(outcome.pmap.get("Metric", [])),
+                "seconds": round(state.timings[self.name], 3),
+                "skipped": outcome.skipped,
+                "retried_with": outcome.retried,
+            }
+        )
+
+    def _run_with_retry(self, state: _ElastixState) -> _Outcome:
+        """Run the stage; left out if it starts at the optimum, retried once if ASGD's step estimate diverged."""
+        pmap: Mapping[str, Sequence[str]] = self.pmap
+        stage_dir = state.folder / f"{self.index}_{self.name}"
+        reg, error = _run_elastix(state, pmap, self.name, stage_dir)
+        log = _read_log(stage_dir)
+        skipped = retried = None
+        if reg is None and _starts_at_optimum(log):
+            skipped = "zero metric gradient at the first iteration: already aligned, stage left out (identity)"
+        elif reg is None and _estimate_diverged(pmap, log):
+            # ASGD's "DisplacementDistribution" step size divides by the gradient at the start; near an
+            # optimum (an image and a noisy copy of it) that step throws every sample out of the image.
+            # The "Original" estimate does not depend on that gradient's size.
+            retried = {"ASGDParameterEstimationMethod": ["Original"]}
+            pmap = {**pmap, **retried}
+            stage_dir = state.folder / f"{self.index}_{self.name}_retry"
+            reg, error = _run_elastix(state, pmap, self.name, stage_dir)
+            log = _read_log(stage_dir)
+        if reg is None and skipped is None:
+            raise RuntimeError(f"elastix {self.name} stage failed: {_log_error(log) or error}")
+        return _Outcome(reg, pmap, log, skipped, retried)
+
+
+# ------------------------------------------------------------------ registration: field and result
+def _deformation_field(state: _ElastixState, fixed: sitk.Image, final_maps: Sequence[object]) -> sitk.Image:
+    """transformix's deformation field of the final transform (``final_maps``) on the fixed grid."""
+    if not final_maps:  # every stage was left out (already aligned): the identity
+        displacement = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, 3)
+        displacement.CopyInformation(fixed)
+        return displacement
+    tf = itk.TransformixFilter.New(state.moving_itk)
+    tf.SetTransformParameterObject(state.transform_object)
+    tf.ComputeDeformationFieldOn()
+    tf.SetOutputDirectory(str(state.folder))
+    tf.SetLogToConsole(False)
+    try:
+        tf.UpdateLargestPossibleRegion()
+    except RuntimeError as exc:
+        raise RuntimeError(f"transformix failed: {_first_line(exc)}") from None
+    return itk_field_to_sitk(tf.GetOutputDeformationField(), fixed)
+
+
+def _elastix_extras(
+    plan: _Plan,
+    state: _ElastixState,
+    final_maps: Sequence[Mapping[str, Sequence[str]]],
+    overrides: Mapping[str, object] | None,
+    stage_overrides: Mapping[str, Mapping[str, object]] | None,
+    seed: int | None,
+    inputs: Mapping[str, bool],
+) -> dict[str, Any]:
+    """``extras["elastix"]`` of the result; ``inputs``: whether an initial transform and each mask were given."""
+    bspline = ("BSplineTransform", "RecursiveBSplineTransform")
+    grid = next((m.get("GridSize") for m in final_maps if m["Transform"][0] in bspline), None)
+    return {
+        "stages": state.stage_info,
+        "bspline_grid_size": [int(g) for g in grid] if grid else None,
+        "overrides": {str(k): _values(v) for k, v in (overrides or {}).items()},
+        "stage_overrides": {
+            s: {str(k): _values(v) for k, v in o.items()} for s, o in (stage_overrides or {}).items()
+        },
+        "preset_settings": plan.preset_values,
+        "seed": seed,
+        "initial_transform": inputs["initial_transform"],
+        "corresponding_points": None if plan.points is None else {
+            "count": int(len(plan.points[0])),
+            "stages": sorted(plan.points[2]),
+            "metric": POINTS_METRIC,
+            "weights": plan.points_weights,
+        },
+        "fixed_mask": inputs["fixed_mask"],
+        "moving_mask": inputs["moving_mask"],
+        "itk_elastix": _itk_elastix_version(),
+    }
+
+
+def _as_float32(image: sitk.Image) -> sitk.Image:
+    return sitk.Cast(image, sitk.sitkFloat32) if image.GetPixelID() != sitk.sitkFloat32 else image
+
+
 def register_elastix(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -513,202 +783,40 @@ def register_elastix(
         ``warp``), the leading linear stages as ``affine``, and ``extras["elastix"]`` with the
         stages, their final metric values, the parameter files and the itk-elastix version.
     """
-    setup_start = time.perf_counter()
-    if parameter_files and preset is not None:
-        raise InputError("give either an elastix preset or parameter_files, not both")
-    preset_values: dict | None = None
-    if parameter_files:
-        files = [Path(p) for p in parameter_files]
-        preset_label = "custom"
-    else:
-        preset_label, chosen = choose_preset(PRESETS, preset, DEFAULT_PRESET, "elastix")
-        files = chosen.paths
-        preset_values = preset_settings(chosen)
-    pmaps = [read_parameter_map(f) for f in files]
-    names: list[str] = []
-    for pmap in pmaps:
-        names.append(_stage_name(pmap, set(names)))
-    if stages is not None:
-        # the one stage parser ("affine", "affine,bspline" or a list); imported here: regsam.register.sam
-        # imports torch and the embedder, which an elastix run does not otherwise need
-        from regsam.register.sam import parse_stages
-
-        wanted = parse_stages(stages, names, "elastix")
-        keep = [i for i, n in enumerate(names) if n in set(wanted)]
-        pmaps, names, files = [pmaps[i] for i in keep], [names[i] for i in keep], [files[i] for i in keep]
-    for key in stage_overrides or {}:
-        if key not in names:
-            raise InputError(f"stage_overrides: unknown stage '{key}' (stages: {', '.join(names)})")
-    for pmap, name in zip(pmaps, names):
-        for key, value in (overrides or {}).items():
-            pmap[str(key)] = _values(value)
-        for key, value in ((stage_overrides or {}).get(name) or {}).items():
-            pmap[str(key)] = _values(value)
-        if seed is not None:
-            pmap["RandomSeed"] = [str(int(seed))]
-    point_pairs = None
-    if corresponding_points is not None:
-        fixed_pts = as_points(corresponding_points[0], "fixed corresponding points")
-        moving_pts = as_points(corresponding_points[1], "moving corresponding points")
-        if len(fixed_pts) != len(moving_pts) or len(fixed_pts) == 0:
-            raise InputError(
-                f"corresponding points: {len(fixed_pts)} fixed and {len(moving_pts)} moving points; "
-                "need the same number, at least one"
-            )
-        targets = list(points_stages) if points_stages is not None else [
-            n for n, m in zip(names, pmaps) if m["Transform"][0] in ("BSplineTransform", "RecursiveBSplineTransform")
-        ]
-        unknown = [t for t in targets if t not in names]
-        if unknown or not targets:
-            raise InputError(
-                f"points_stages: unknown or no stage(s) {', '.join(unknown) or '(none)'} (stages: {', '.join(names)})"
-            )
-        used_weights = {}
-        for pmap, name in zip(pmaps, names):
-            if name in targets:
-                key = _weight_key(pmap, add_points_metric(pmap, points_weights))
-                used_weights[name] = [float(v) for v in pmap[key]]
-        point_pairs = (fixed_pts, moving_pts, set(targets))
-    initial_maps = [linear_to_parameter_map(initial_transform, fixed)] if initial_transform is not None else []
-
-    # "setup" includes loading itk-elastix's modules on first use (~20 s per process).
-    timings: dict[str, float] = {"setup": time.perf_counter() - setup_start}
-    artifacts: dict[str, str] = {}
-    stage_info = []
-    fixed_f = sitk.Cast(fixed, sitk.sitkFloat32) if fixed.GetPixelID() != sitk.sitkFloat32 else fixed
-    moving_f = sitk.Cast(moving, sitk.sitkFloat32) if moving.GetPixelID() != sitk.sitkFloat32 else moving
     start = time.perf_counter()
-    fixed_itk, moving_itk = sitk_to_itk(fixed_f), sitk_to_itk(moving_f)
-    fixed_mask_itk = _mask_to_itk(fixed_mask) if fixed_mask is not None else None
-    moving_mask_itk = _mask_to_itk(moving_mask) if moving_mask is not None else None
-    timings["convert"] = time.perf_counter() - start
+    timings: dict[str, float] = {}
+    with timed(timings, "setup"):  # includes loading itk-elastix's modules on first use (~20 s per process)
+        plan = _plan_stages(preset, parameter_files, overrides, stage_overrides, stages, seed)
+        _plan_points(plan, corresponding_points, points_weights, points_stages)
+        initial_maps = [linear_to_parameter_map(initial_transform, fixed)] if initial_transform is not None else []
+    fixed_f, moving_f = _as_float32(fixed), _as_float32(moving)
+    with timed(timings, "convert"):
+        fixed_itk, moving_itk = sitk_to_itk(fixed_f), sitk_to_itk(moving_f)
+        fixed_mask_itk = _mask_to_itk(fixed_mask) if fixed_mask is not None else None
+        moving_mask_itk = _mask_to_itk(moving_mask) if moving_mask is not None else None
 
-    transform_object = _parameter_object(initial_maps) if initial_maps else None
     with tempfile.TemporaryDirectory(prefix="regsam-elastix-") as tmp:
-        if point_pairs is not None:
-            fixed_point_file = write_elastix_points(point_pairs[0], Path(tmp) / "fixed_points.txt")
-            moving_point_file = write_elastix_points(point_pairs[1], Path(tmp) / "moving_points.txt")
-            artifacts["elastix/fixed_points.txt"] = fixed_point_file.read_text()
-            artifacts["elastix/moving_points.txt"] = moving_point_file.read_text()
-        def run_stage(pmap: Mapping[str, Sequence[str]], name: str, stage_dir: Path):
-            """One elastix stage from the current transform; ``(registration, None)`` or ``(None, error text)``."""
-            stage_dir.mkdir()
-            reg = itk.ElastixRegistrationMethod.New(fixed_itk, moving_itk)
-            reg.SetParameterObject(_parameter_object([pmap]))
-            if point_pairs is not None and name in point_pairs[2]:
-                reg.SetFixedPointSetFileName(str(fixed_point_file))
-                reg.SetMovingPointSetFileName(str(moving_point_file))
-            if fixed_mask_itk is not None:
-                reg.SetFixedMask(fixed_mask_itk)
-            if moving_mask_itk is not None:
-                reg.SetMovingMask(moving_mask_itk)
-            if transform_object is not None:
-                reg.SetInitialTransformParameterObject(transform_object)
-            reg.SetOutputDirectory(str(stage_dir))
-            reg.SetLogToConsole(False)
-            reg.SetLogToFile(True)
-            reg.SetLogFileName("elastix.log")
-            try:
-                reg.UpdateLargestPossibleRegion()
-            except RuntimeError as exc:
-                return None, _first_line(exc)
-            return reg, None
-
-        for i, (pmap, name) in enumerate(zip(pmaps, names)):
-            t0 = time.perf_counter()
-            stage_dir = Path(tmp) / f"{i}_{name}"
-            reg, error = run_stage(pmap, name, stage_dir)
-            log = _read_log(stage_dir)
-            skipped = retried = None
-            if reg is None and _starts_at_optimum(log):
-                skipped = "zero metric gradient at the first iteration: already aligned, stage left out (identity)"
-            elif reg is None and _estimate_diverged(pmap, log):
-                # ASGD's "DisplacementDistribution" step size divides by the gradient at the start; near an
-                # optimum (an image and a noisy copy of it) that step throws every sample out of the image.
-                # The "Original" estimate does not depend on that gradient's size.
-                retried = {"ASGDParameterEstimationMethod": ["Original"]}
-                pmap = {**pmap, **retried}
-                stage_dir = Path(tmp) / f"{i}_{name}_retry"
-                reg, error = run_stage(pmap, name, stage_dir)
-                log = _read_log(stage_dir)
-            if reg is None and skipped is None:
-                raise RuntimeError(f"elastix {name} stage failed: {_log_error(log) or error}")
-            timings[name] = time.perf_counter() - t0
-            if reg is not None:
-                # The result object holds the initial maps followed by this stage's map.
-                transform_object = reg.GetTransformParameterObject()
-            if keep_logs and log:
-                artifacts[f"elastix/elastix_{name}.log"] = log
-            stage_info.append(
-                {
-                    "name": name,
-                    "transform": pmap["Transform"][0],
-                    "parameter_file": str(files[i]),
-                    "final_metric": _final_metric(log),
-                    "metrics": list(pmap.get("Metric", [])),
-                    "seconds": round(timings[name], 3),
-                    "skipped": skipped,
-                    "retried_with": retried,
-                }
-            )
-
-        final_maps = _maps_of(transform_object) if transform_object is not None else []
-        t0 = time.perf_counter()
-        if final_maps:
-            tf = itk.TransformixFilter.New(moving_itk)
-            tf.SetTransformParameterObject(transform_object)
-            tf.ComputeDeformationFieldOn()
-            tf.SetOutputDirectory(tmp)
-            tf.SetLogToConsole(False)
-            try:
-                tf.UpdateLargestPossibleRegion()
-            except RuntimeError as exc:
-                raise RuntimeError(f"transformix failed: {_first_line(exc)}") from None
-            displacement = itk_field_to_sitk(tf.GetOutputDeformationField(), fixed)
-        else:  # every stage was left out (already aligned): the identity
-            displacement = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, 3)
-            displacement.CopyInformation(fixed)
-        timings["field"] = time.perf_counter() - t0
+        state = _ElastixState(fixed_itk, moving_itk, fixed_mask_itk, moving_mask_itk, Path(tmp), keep_logs, timings,
+                              transform_object=_parameter_object(initial_maps) if initial_maps else None)
+        if plan.points is not None:
+            _write_point_files(state, plan.points)
+        for stage in plan.stages():  # each in turn, from the transform of the ones before
+            stage.run(state)
+        final_maps = _maps_of(state.transform_object) if state.transform_object is not None else []
+        with timed(timings, "field"):
+            displacement = _deformation_field(state, fixed, final_maps)
 
     for file_name, text in transform_parameter_files(final_maps).items():
-        artifacts[f"elastix/{file_name}"] = text
-    t0 = time.perf_counter()
-    warped = warp_image(moving_f, fixed_f, displacement, "linear", AIR_HU)
-    timings["warp"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - setup_start
-    bspline = ("BSplineTransform", "RecursiveBSplineTransform")
-    grid = next((m.get("GridSize") for m in final_maps if m["Transform"][0] in bspline), None)
-    extras = {
-        "elastix": {
-            "stages": stage_info,
-            "bspline_grid_size": [int(g) for g in grid] if grid else None,
-            "overrides": {str(k): _values(v) for k, v in (overrides or {}).items()},
-            "stage_overrides": {
-                s: {str(k): _values(v) for k, v in o.items()} for s, o in (stage_overrides or {}).items()
-            },
-            "preset_settings": preset_values,
-            "seed": seed,
-            "initial_transform": initial_transform is not None,
-            "corresponding_points": None if point_pairs is None else {
-                "count": int(len(point_pairs[0])),
-                "stages": sorted(point_pairs[2]),
-                "metric": POINTS_METRIC,
-                "weights": used_weights,
-            },
-            "fixed_mask": fixed_mask is not None,
-            "moving_mask": moving_mask is not None,
-            "itk_elastix": _itk_elastix_version(),
-        }
-    }
+        state.artifacts[f"elastix/{file_name}"] = text
+    with timed(timings, "warp"):
+        warped = warp_image(moving_f, fixed_f, displacement, "linear", AIR_HU)
+    timings["total"] = time.perf_counter() - start
+    given = {"initial_transform": initial_transform is not None, "fixed_mask": fixed_mask is not None,
+             "moving_mask": moving_mask is not None}
+    extras = {"elastix": _elastix_extras(plan, state, final_maps, overrides, stage_overrides, seed, given)}
     return RegistrationResult(
-        displacement=displacement,
-        warped=warped,
-        method="elastix",
-        preset=preset_label,
-        timings=timings,
-        affine=leading_affine(final_maps),
-        extras=extras,
-        artifacts=artifacts,
+        displacement=displacement, warped=warped, method="elastix", preset=plan.label, timings=timings,
+        affine=leading_affine(final_maps), extras=extras, artifacts=state.artifacts,
     )
 
 

@@ -28,13 +28,16 @@ transformix on the fixed grid (fixed ``x`` -> moving ``x + u(x)``); ``affine.tfm
 affine; ``correspondences.csv`` lists the matches (the ``affine_inlier`` rows went to elastix);
 ``elastix/`` holds the TransformParameters files (the first is the SAM affine), the point
 files and the log.
+
+Each stage is a :class:`~regsam.register.stages.Stage` object in this module that reads and extends one
+:class:`SamElastixState`; :func:`register_sam_elastix` embeds the pair and runs them in order.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,11 +45,14 @@ import SimpleITK as sitk
 
 from regsam.embed.correspondences import fit_correspondence_affine, match_correspondences
 from regsam.errors import InputError
+from regsam.fit.affine import AffineFit
+from regsam.fit.correspondences import Correspondences
 from regsam.io.images import AIR_HU
 from regsam.io.transforms import transform_to_field, warp_image
 from regsam.register import sam
 from regsam.register.presets import ELASTIX_PRESETS, choose_preset, preset_settings
 from regsam.register.result import RegistrationResult
+from regsam.register.stages import Stage, timed
 
 STAGES = ("affine", "bspline")
 
@@ -83,6 +89,87 @@ PRESETS: dict[str, SamElastixPreset] = {
     "fast": SamElastixPreset(elastix="fast", points_weights=(0.5, 0.25, 0.0)),
 }
 DEFAULT_PRESET = "lung"
+
+
+# ------------------------------------------------------------------ stages
+@dataclass
+class SamElastixState:
+    """What the stages of one sam+elastix registration share: inputs, settings, and what each stage adds."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    cfg: SamElastixPreset
+    sam_cfg: sam.SamPreset
+    seed: int
+    device: Any  # torch device of the embedder
+    fixed_emb: Any  # the embeddings, dropped once matched
+    moving_emb: Any
+    points_weights: float | Sequence[float]
+    fixed_mask: sitk.Image | None = None
+    moving_mask: sitk.Image | None = None
+    elastix_options: dict[str, Any] = field(default_factory=dict)
+    corr: Correspondences | None = None
+    fit: AffineFit | None = None  # the SAM affine
+    displacement: sitk.Image | None = None  # final field on the fixed grid
+    warped: sitk.Image | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+class AffineStage:
+    """SAM matches of the fixed body's grid points, and the RANSAC affine fitted to them."""
+
+    name = "affine"
+
+    def run(self, state: SamElastixState) -> None:
+        with timed(state.timings, "match"):
+            corr = match_correspondences(state.fixed, state.fixed_emb, state.moving_emb, state.sam_cfg,
+                                         device=state.device, min_kept=state.cfg.min_points)
+        state.fixed_emb = state.moving_emb = None  # free the embeddings before elastix runs
+        with timed(state.timings, self.name):
+            fit = fit_correspondence_affine(corr, state.sam_cfg, state.seed)
+        if fit.n_inliers < state.cfg.min_points:
+            raise InputError(
+                f"only {fit.n_inliers} affine-consistent SAM correspondences (of {len(corr.fixed)} matched); "
+                f"sam+elastix needs at least {state.cfg.min_points}"
+            )
+        state.corr, state.fit = corr, fit
+        state.extras["correspondences"] = {"matched": int(len(corr.fixed)), "kept": int(corr.valid.sum()),
+                                           "to_elastix": 0}
+        state.extras["affine"] = sam.affine_summary(fit)
+        state.artifacts["correspondences.csv"] = corr.to_csv()
+
+
+class BsplineStage:
+    """The elastix preset's B-spline stage from the SAM affine, with the affine-inlier matches as points."""
+
+    name = "bspline"
+
+    def run(self, state: SamElastixState) -> None:
+        # lazy: importing itk-elastix takes ~20 s, paid only when the B-spline stage runs
+        from regsam.register.elastix import register_elastix
+
+        corr, point_w = state.corr, state.points_weights
+        assert corr is not None and state.fit is not None, "the bspline stage starts from the affine stage"
+        use_points = np.any(np.asarray(point_w, dtype=np.float64) > 0)
+        points = (corr.fixed[corr.inlier], corr.moving[corr.inlier]) if use_points else None
+        result = register_elastix(
+            state.fixed, state.moving, preset=state.cfg.elastix, fixed_mask=state.fixed_mask,
+            moving_mask=state.moving_mask, stages=("bspline",), initial_transform=state.fit.transform,
+            corresponding_points=points, points_weights=point_w if use_points else 0.0, **state.elastix_options,
+        )
+        state.timings.update({k: v for k, v in result.timings.items() if k != "total"})
+        state.displacement, state.warped = result.displacement, result.warped
+        state.extras["elastix"] = result.extras["elastix"]
+        state.extras["correspondences"]["to_elastix"] = int(len(points[0])) if points is not None else 0
+        state.artifacts.update(result.artifacts)
+
+
+#: The stages in their fixed order. Each clocks itself: the affine stage its matching (``match``) and its fit
+#: (``affine``), the bspline stage passes on elastix's own timings (``setup``, ``convert``, ``bspline``, ``field``,
+#: ``warp``).
+STAGE_OBJECTS: dict[str, Stage] = {stage.name: stage for stage in (AffineStage(), BsplineStage())}
 
 
 def register_sam_elastix(
@@ -126,60 +213,27 @@ def register_sam_elastix(
     wanted = sam.parse_stages(stages, STAGES, "sam+elastix")
     if "affine" not in wanted:
         raise InputError("sam+elastix needs the affine stage (it initialises elastix); stages: affine[,bspline]")
-    point_w = cfg.points_weights if points_weights is None else points_weights
     timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    fixed_emb, moving_emb, dev = sam.embed_pair(fixed, moving, weights, device)
-    timings["embed"] = time.perf_counter() - t
-    t = time.perf_counter()
-    corr = match_correspondences(fixed, fixed_emb, moving_emb, sam_cfg, device=dev, min_kept=cfg.min_points)
-    timings["match"] = time.perf_counter() - t
-    del fixed_emb, moving_emb
-    t = time.perf_counter()
-    fit = fit_correspondence_affine(corr, sam_cfg, seed)
-    timings["affine"] = time.perf_counter() - t
-    if fit.n_inliers < cfg.min_points:
-        raise InputError(
-            f"only {fit.n_inliers} affine-consistent SAM correspondences (of {len(corr.fixed)} matched); "
-            f"sam+elastix needs at least {cfg.min_points}"
-        )
-    extras: dict[str, Any] = {
-        "stages": wanted,
-        "preset": name,
-        "preset_settings": preset_settings(cfg),
-        "sam_preset": cfg.sam,
-        "correspondences": {"matched": int(len(corr.fixed)), "kept": int(corr.valid.sum()), "to_elastix": 0},
-        "affine": sam.affine_summary(fit),
-    }
-    artifacts = {"correspondences.csv": corr.to_csv()}
-
-    if "bspline" in wanted:
-        # lazy: importing itk-elastix takes ~20 s, paid only when the B-spline stage runs
-        from regsam.register.elastix import register_elastix
-
-        use_points = np.any(np.asarray(point_w, dtype=np.float64) > 0)
-        points = (corr.fixed[corr.inlier], corr.moving[corr.inlier]) if use_points else None
-        options = dict(elastix_options or {})
-        result = register_elastix(
-            fixed, moving, preset=cfg.elastix, fixed_mask=fixed_mask, moving_mask=moving_mask,
-            stages=("bspline",), initial_transform=fit.transform,
-            corresponding_points=points, points_weights=point_w if use_points else 0.0, **options,
-        )
-        timings.update({k: v for k, v in result.timings.items() if k != "total"})
-        displacement, warped = result.displacement, result.warped
-        extras["elastix"] = result.extras["elastix"]
-        extras["correspondences"]["to_elastix"] = int(len(points[0])) if points is not None else 0
-        artifacts.update(result.artifacts)
-    else:
-        t = time.perf_counter()
-        displacement = transform_to_field(fit.transform, fixed)
-        timings["field"] = time.perf_counter() - t
-        t = time.perf_counter()
-        warped = warp_image(sitk.Cast(moving, sitk.sitkFloat32), fixed, displacement, "linear", AIR_HU)
-        timings["warp"] = time.perf_counter() - t
+    with timed(timings, "embed"):
+        fixed_emb, moving_emb, dev = sam.embed_pair(fixed, moving, weights, device)
+    state = SamElastixState(
+        fixed, moving, cfg, sam_cfg, seed, dev, fixed_emb, moving_emb,
+        points_weights=cfg.points_weights if points_weights is None else points_weights,
+        fixed_mask=fixed_mask, moving_mask=moving_mask, elastix_options=dict(elastix_options or {}), timings=timings,
+        extras={"stages": wanted, "preset": name, "preset_settings": preset_settings(cfg), "sam_preset": cfg.sam},
+    )
+    del fixed_emb, moving_emb  # the state holds them until the affine stage has matched
+    for stage_name in STAGES:  # the stages run in their own order, whatever the order asked
+        if stage_name in wanted:
+            STAGE_OBJECTS[stage_name].run(state)
+    assert state.fit is not None
+    if state.displacement is None:  # no B-spline stage: the SAM affine alone
+        with timed(timings, "field"):
+            state.displacement = transform_to_field(state.fit.transform, fixed)
+        with timed(timings, "warp"):
+            state.warped = warp_image(sitk.Cast(moving, sitk.sitkFloat32), fixed, state.displacement, "linear", AIR_HU)
     timings["total"] = time.perf_counter() - start
     return RegistrationResult(
-        displacement=displacement, warped=warped, method="sam+elastix", preset=name, timings=timings,
-        affine=fit.transform, extras=extras, artifacts=artifacts,
+        displacement=state.displacement, warped=state.warped, method="sam+elastix", preset=name, timings=timings,
+        affine=state.fit.transform, extras=state.extras, artifacts=state.artifacts,
     )

@@ -221,7 +221,8 @@ def test_affine_stage_recovers_planted_linear_transform(ct, elastix_transform, p
     truth = planted() if planted else sitk.TranslationTransform(3, (4.5, -3.0, 6.5))
     fixed = sitk.Resample(ct, moving, truth, sitk.sitkLinear, -1024.0)
     result = register(
-        fixed, moving, preset="lung", stages=("affine",), stage_overrides={"affine": {"Transform": elastix_transform}}
+        fixed, moving, method="elastix", preset="lung", stages=("affine",),
+        stage_overrides={"affine": {"Transform": elastix_transform}},
     )
     assert result.affine is not None and set(result.timings) >= {"affine", "total"}
     points = structure_points(fixed, n=100, margin_mm=15.0)
@@ -308,6 +309,7 @@ def test_no_elastix_files_in_working_directory(breathing_case, tmp_path, monkeyp
     register(
         breathing_case["fixed"],
         breathing_case["moving"],
+        method="elastix",
         preset="fast",
         stages=("affine",),
         overrides={"MaximumNumberOfIterations": 20},
