@@ -179,14 +179,15 @@ def _region_smooth(field: torch.Tensor, inside: torch.Tensor | None, sigma_vox: 
     return out
 
 
-def _subvoxel(total: torch.Tensor, best: torch.Tensor, width: int) -> torch.Tensor:
+def _subvoxel(total: torch.Tensor, best: torch.Tensor, width: int, raw: torch.Tensor) -> torch.Tensor:
     """Parabola through the cost at the argmin and its two neighbours along each axis: (n, 3) offsets in [-0.5, 0.5].
 
     ``total`` is (K, n) over a cube of ``width^3`` candidates ordered z, y, x (x fastest); at the cube's faces
-    the offset is 0.
+    the offset is 0, and so it is where the data cost ``raw`` (K, n) is 0 at the argmin (an exact match).
     """
     column = torch.arange(total.shape[1], device=total.device)
     c0 = total[best, column]
+    exact = raw[best, column] <= 1e-6
     index = torch.stack([best // (width * width), (best // width) % width, best % width], dim=1)
     offsets = torch.zeros((total.shape[1], 3), dtype=total.dtype, device=total.device)
     for axis, stride in enumerate((width * width, width, 1)):
@@ -195,7 +196,7 @@ def _subvoxel(total: torch.Tensor, best: torch.Tensor, width: int) -> torch.Tens
         hi = total[(best + stride).clamp(0, total.shape[0] - 1), column]
         curvature = lo - 2.0 * c0 + hi
         # an exact match (cost 0: an unmoved image) is not refined; its neighbours' asymmetry is not a shift
-        usable = inner & (curvature > 1e-9) & (c0 > 1e-6)
+        usable = inner & (curvature > 1e-9) & ~exact
         step = torch.where(usable, 0.5 * (lo - hi) / curvature.clamp_min(1e-9), torch.zeros_like(c0))
         offsets[:, axis] = step.clamp(-0.5, 0.5)
     return offsets
@@ -221,7 +222,8 @@ def _couple(cost: torch.Tensor, candidates: torch.Tensor, shape: tuple, start: t
             if theta > 0:  # cost + theta |d - v|^2 without the |v|^2 that every candidate shares
                 part = torch.addmm(part + theta * d2[:, None], candidates, v[a : a + chunk].T, alpha=-2.0 * theta)
             best = part.argmin(dim=0)
-            chosen[a : a + chunk] = candidates[best] + (_subvoxel(part, best, width) if last and SUBVOXEL else 0.0)
+            refine = _subvoxel(part, best, width, cost[:, a : a + chunk]) if last and SUBVOXEL else 0.0
+            chosen[a : a + chunk] = candidates[best] + refine
         field = chosen.T.reshape((1, 3) + shape)
     return _region_smooth(field, inside, sigma_vox)
 
