@@ -417,15 +417,15 @@ def _final_field(fixed, work, ddf_work, u0_local, warp, dev, max_fold_repairs: i
 
     unfold_rounds: list[int] = []
 
-    def field_of(ddf_vox: torch.Tensor, total_sigma: float = 0.0) -> sitk.Image:
+    def field_of(ddf_vox: torch.Tensor, total_sigma: float = 0.0, local: bool = True) -> sitk.Image:
         with torch.no_grad():
             r_local = ddf_vox * tf.spacing_zyx(work, dev)
             total = r_local if u0_local is None else r_local + warp(u0_local, ddf_vox)
             if total_sigma > 0:
                 total = tf.gaussian_blur(total, [total_sigma] * 3)
-            # first smooth only where it folds (keeps sliding and sharp valid motion elsewhere)
-            total, rounds = tf.unfold_locally(total, tuple(float(v) for v in work.GetSpacing()[::-1]), min_det=0.1)
-            unfold_rounds.append(rounds)
+            if local:  # first smooth only where it folds (keeps sliding and sharp valid motion elsewhere)
+                total, rounds = tf.unfold_locally(total, tuple(float(v) for v in work.GetSpacing()[::-1]), min_det=0.1)
+                unfold_rounds.append(rounds)
         on_work = tf.local_mm_to_field(total, work)
         if tf.grid_shape(work) == tf.grid_shape(fixed_geo):
             on_work.CopyInformation(fixed_geo)
@@ -438,10 +438,13 @@ def _final_field(fixed, work, ddf_work, u0_local, warp, dev, max_fold_repairs: i
 
     # Repair, mildest first: smooth the optimised residual r (sigma 0.5, 1, ... working voxels); if the
     # initial mapping itself folds, that cannot help, so then the whole field is smoothed as well.
-    result = field_of(ddf_work)
+    result = field_of(ddf_work, local=False)
     lowest, share = min_det(result)
     repair = {"folded_before": share, "min_det_before": lowest, "residual_sigma_voxels": 0.0, "field_sigma_voxels": 0.0}
-    repairs, smoothed = 0, ddf_work
+    if lowest <= 0:
+        result = field_of(ddf_work)
+        lowest, share = min_det(result)
+    repairs, smoothed = int(bool(unfold_rounds and unfold_rounds[0])), ddf_work
     while lowest <= 0 and repairs < max_fold_repairs:
         repairs += 1
         repair["residual_sigma_voxels"] = 0.5 * repairs

@@ -208,7 +208,8 @@ def test_a_folding_initial_field_is_repaired_too(ct4):
     initial.CopyInformation(ct4)
     assert folding_share(initial) > 0
     result = refine_deformable(ct4, ct4, initial, iterations=(0, 0))
-    assert result.info["folding_fix"]["field_sigma_voxels"] > 0
+    fix = result.info["folding_fix"]
+    assert fix["folded_before"] > 0 and (fix["field_sigma_voxels"] > 0 or fix["local_unfold_rounds"][0] > 0), fix
     assert result.folding_share == 0.0 and folding_share(result.field) == 0.0
 
 
