@@ -106,9 +106,10 @@ def main(argv=None) -> int:
         "",
         f"Machine: {os.cpu_count()} CPU cores, no GPU; started {start}, load average {load:.1f} at start (a resumed "
         "run reuses earlier rows: their times are from the run that computed them). Pairs: `thorax4dct` from "
-        "`lidc_idri_0314_chest` (never in a training set, no default was tuned on it: the capture settings were "
-        "chosen on a 3 mm copy of it with DIR-Lab case 4 motion and kept), 400x391x110 voxels at 1x1x2.5 mm, "
-        "~300 lung points per pair; no method gets a mask (as the users' first try). Wall s: the whole `regsam register` process of one (pair, method), imports "
+        "`lidc_idri_0314_chest` (never in a training set; but the SAM capture settings were chosen on a 3 mm copy "
+        "of it with DIR-Lab case 4 motion, and three variants plus the sub-step refinement were compared on two of "
+        "these pairs, `dirlab4_38mm` and `parametric_28mm`: the SAM figures are not on untuned data), 400x391x110 "
+        "voxels at 1x1x2.5 mm, ~300 lung points per pair; no method gets a mask (as the users' first try). Wall s: the whole `regsam register` process of one (pair, method), imports "
         "and writing the result included.",
         "",
         "## Ratios (plain pairs; offset twins for the offset column)",
