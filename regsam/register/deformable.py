@@ -365,7 +365,7 @@ def _start(prev_mm: torch.Tensor | None, initial_residual, grid, control_shape, 
     return start.repeat(1, param.channels // 3, 1, 1, 1)
 
 
-def _optimise_level(data, feat, theta, param, cfg, losses_fn, steps: int) -> tuple[list[float], int]:
+def _optimise_level(data, theta, param, cfg, losses_fn, steps: int) -> tuple[list[float], int]:
     """Adam on theta for at most ``steps``; stops early once the loss improves less than ``tolerance`` per 10 steps."""
     optimizer = _Adam(theta, lr=float(cfg["lr"]))
     tolerance = cfg["tolerance"]
@@ -408,6 +408,41 @@ def _level_loss(data, feat, use_embed: bool, cfg, regulariser, lncc, warp, warp_
         return loss
 
     return loss_fn
+
+
+def _optimise_levels(fixed, level_data, feat, cfg, base, initial_residual, sliding_mask, dev):
+    """Adam on every level, coarse to fine, each started from the previous level's smooth field(s).
+
+    Returns (theta of the finest level, its :class:`_Parametrisation`, the image warp, per-level history).
+    """
+    from monai.losses import BendingEnergyLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+
+    levels = len(level_data)
+    warp = tf.make_warp(padding_mode="border")
+    warp_features = tf.make_warp(padding_mode="border")  # Warp caches its grid per shape: one per grid
+    lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=int(cfg["lncc_kernel"]), reduction="none").to(dev)
+    regulariser = (BendingEnergyLoss if cfg["regulariser"] == "bending" else DiffusionLoss)(normalize=True)
+    param = _Parametrisation(cfg, sliding_mask, dev)
+    history = []
+    theta, prev_mm = None, None
+    for lvl, data in enumerate(level_data):
+        t_level = time.perf_counter()
+        grid = data["grid"]
+        # theta is kept in voxels of the level grid but may live on a coarser control grid (finest level only)
+        ratio = int(cfg["finest_control_ratio"]) if lvl == levels - 1 else 1
+        control_shape = tf.grid_shape(grid) if ratio == 1 else tf.grid_shape(tf.corner_aligned_grid(fixed, base * ratio))
+        theta = _start(prev_mm, initial_residual, grid, control_shape, param, dev).clone().requires_grad_(True)
+        use_embed = feat is not None and lvl < cfg["embed_levels"]
+        loss_fn = _level_loss(data, feat, use_embed, cfg, regulariser, lncc, warp, warp_features, dev)
+        losses, steps = _optimise_level(data, theta, param, cfg, loss_fn, cfg["iterations"][lvl])
+        with torch.no_grad():  # carry the smooth field(s) (the velocity when diffeomorphic) to the next level, in mm
+            prev_mm = param.smooth(theta).detach() * tf.spacing_zyx(grid, dev).repeat(1, param.channels // 3, 1, 1, 1)
+        history.append({"spacing_mm": [float(s) for s in grid.GetSpacing()], "size": list(grid.GetSize()),
+                        "iterations": steps, "max_iterations": cfg["iterations"][lvl],
+                        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+                        "control_size": list(theta.shape[2:][::-1]), "similarity_size": list(data["fixed"].shape[2:][::-1]),
+                        "embedding_term": use_embed, "seconds": time.perf_counter() - t_level})
+    return theta, param, warp, history
 
 
 def _final_field(fixed, work, ddf_work, u0_local, warp, dev, max_fold_repairs: int) -> tuple[sitk.Image, float, dict]:
@@ -510,8 +545,6 @@ def refine_deformable(
     Raises:
         InputError: bad images, mask, features, preset or options.
     """
-    from monai.losses import BendingEnergyLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
-
     t_start = time.perf_counter()
     check_volume(fixed, "fixed image")
     check_volume(moving, "moving image")
@@ -539,31 +572,8 @@ def refine_deformable(
         timings["features"] = time.perf_counter() - t
 
     # ---------------------------------------------------------- optimisation, coarse to fine
-    warp = tf.make_warp(padding_mode="border")
-    warp_features = tf.make_warp(padding_mode="border")  # Warp caches its grid per shape: one per grid
-    lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=int(cfg["lncc_kernel"]), reduction="none").to(dev)
-    regulariser = (BendingEnergyLoss if cfg["regulariser"] == "bending" else DiffusionLoss)(normalize=True)
-    param = _Parametrisation(cfg, sliding_mask, dev)
-    history = []
-    theta, prev_mm = None, None
     t = time.perf_counter()
-    for lvl, data in enumerate(level_data):
-        t_level = time.perf_counter()
-        grid = data["grid"]
-        # theta is kept in voxels of the level grid but may live on a coarser control grid (finest level only)
-        ratio = int(cfg["finest_control_ratio"]) if lvl == levels - 1 else 1
-        control_shape = tf.grid_shape(grid) if ratio == 1 else tf.grid_shape(tf.corner_aligned_grid(fixed, base * ratio))
-        theta = _start(prev_mm, initial_residual, grid, control_shape, param, dev).clone().requires_grad_(True)
-        use_embed = feat is not None and lvl < cfg["embed_levels"]
-        loss_fn = _level_loss(data, feat, use_embed, cfg, regulariser, lncc, warp, warp_features, dev)
-        losses, steps = _optimise_level(data, feat, theta, param, cfg, loss_fn, cfg["iterations"][lvl])
-        with torch.no_grad():  # carry the smooth field(s) (the velocity when diffeomorphic) to the next level, in mm
-            prev_mm = param.smooth(theta).detach() * tf.spacing_zyx(grid, dev).repeat(1, param.channels // 3, 1, 1, 1)
-        history.append({"spacing_mm": [float(s) for s in grid.GetSpacing()], "size": list(grid.GetSize()),
-                        "iterations": steps, "max_iterations": cfg["iterations"][lvl],
-                        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                        "control_size": list(theta.shape[2:][::-1]), "similarity_size": list(data["fixed"].shape[2:][::-1]),
-                        "embedding_term": use_embed, "seconds": time.perf_counter() - t_level})
+    theta, param, warp, history = _optimise_levels(fixed, level_data, feat, cfg, base, initial_residual, sliding_mask, dev)
     timings["optimise"] = time.perf_counter() - t
 
     t = time.perf_counter()
