@@ -69,8 +69,12 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
 
 
-def match_case(case, preset: str | None, run_dir: str | os.PathLike, device: str | None = None) -> dict:
+def match_case(
+    case, preset: str | None, run_dir: str | os.PathLike, device: str | None = None, weights: str | None = None
+) -> dict:
     """Do the work of one (case, ``sam[:preset]``) in this process; return the row fields and write ``run_dir``.
+
+    ``weights``: embedder weights file (default: the shipped ones).
 
     Peak memory is this process's ``ru_maxrss`` (a max over its whole life): use :func:`run_match_task`,
     which runs this in a fresh process, to get a per-case figure.
@@ -89,7 +93,7 @@ def match_case(case, preset: str | None, run_dir: str | os.PathLike, device: str
     timings: dict[str, float] = {}
     t = time.perf_counter()
     dev = resolve_device(device)
-    model = load_embedder(None, device=dev)
+    model = load_embedder(weights, device=dev)
     fixed, moving = read_image(case.fixed, "fixed"), read_image(case.moving, "moving")
     check_embeddable(fixed, model, name=f"case {case.name} fixed")
     check_embeddable(moving, model, name=f"case {case.name} moving")
@@ -132,14 +136,17 @@ def match_case(case, preset: str | None, run_dir: str | os.PathLike, device: str
         "device": str(dev),
         "torch_threads": torch.get_num_threads(),
         "options": options,
+        "embedder_weights": "shipped" if weights is None else str(weights),
     }
     if kept_share:
         summary["cycle_kept_share"] = kept_share
     return {"point_sets": point_sets, "summary": summary, "timings": timings}
 
 
-def run_match_task(case, spec, run_dir: str | os.PathLike) -> dict:
+def run_match_task(case, spec, run_dir: str | os.PathLike, weights: str | None = None) -> dict:
     """Run ``sam[:preset]`` on one case in a child process; return ``point_sets``, ``summary`` and ``timings``.
+
+    ``weights``: embedder weights file (default: the shipped ones).
 
     Raises:
         InputError: another method than ``sam``, a bad preset, or the child failed (its last error line).
@@ -154,6 +161,8 @@ def run_match_task(case, spec, run_dir: str | os.PathLike) -> dict:
     cmd = [sys.executable, "-m", "regsam.bench.match_task", str(case.path), str(run_dir)]
     if spec.preset:
         cmd += ["--preset", spec.preset]
+    if weights is not None:
+        cmd += ["--weights", str(weights)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not out_json.is_file():
         reason = last_line(proc.stderr) or f"exit code {proc.returncode}"
@@ -169,10 +178,12 @@ def main(argv=None) -> int:
     parser.add_argument("case")
     parser.add_argument("run_dir")
     parser.add_argument("--preset", default=None)
+    parser.add_argument("--weights", default=None, help="embedder weights (default: the shipped ones)")
     args = parser.parse_args(argv)
     try:
         case = load_case(args.case)
-        row = match_case(case, args.preset, args.run_dir, device=os.environ.get(DEVICE_ENV) or None)
+        row = match_case(case, args.preset, args.run_dir, device=os.environ.get(DEVICE_ENV) or None,
+                         weights=args.weights)
     except InputError as exc:
         print(f"regsam: error: {exc}", file=sys.stderr)
         return 2

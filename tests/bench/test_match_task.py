@@ -86,3 +86,20 @@ def test_match_bench_scores_and_reports(chest_crop_path, tmp_path):
     # a second run resumes: nothing is recomputed for the finished row
     again = run_benchmark([case], parse_methods("sam:cycle"), out, task="match", progress=lambda _: None)
     assert again["rows"][0]["summary"] == summary
+
+
+def test_bench_forwards_embedder_weights(chest_crop_path, tmp_path):
+    """``--weights`` reaches the match child and the register child of a method that takes weights (a missing file is
+    named in the failure)."""
+    if not chest_crop_path.is_file():
+        pytest.skip(f"{chest_crop_path} not found")
+    case = _shifted_case(chest_crop_path, tmp_path / "cases" / "shifted")
+    missing = tmp_path / "my_embedder.pt"
+    results = run_benchmark([case], parse_methods("sam"), tmp_path / "match", task="match", weights=missing,
+                            progress=lambda _: None)
+    assert results["embedder_weights"] == str(missing)
+    row = results["rows"][0]
+    assert row["status"] == "failed" and "embedder weights not found" in row["error"] and "my_embedder.pt" in row["error"]
+    results = run_benchmark([case], parse_methods("sam"), tmp_path / "register", weights=missing, progress=lambda _: None)
+    row = results["rows"][0]
+    assert row["status"] == "failed" and "my_embedder.pt" in row["error"], row
