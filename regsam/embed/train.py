@@ -31,7 +31,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -39,6 +38,7 @@ import yaml
 from regsam.data.fetch import fetch_sample_ct
 from regsam.embed.crops import CropConfig, Scan, TwoViewSampler, load_scan
 from regsam.devices import resolve_device
+from regsam.distributed import DistInfo, barrier, gather, init_distributed, shutdown
 from regsam.embed.model import SAMEmbedder, load_embedder, save_weights
 from regsam.embed.objectives import build_objective, objective_config
 from regsam.embed.objectives.base import GroupForward
@@ -105,7 +105,11 @@ def default_config() -> dict:
     }
 
 
-def _merge(base: dict, override: dict, where: str = "") -> dict:
+def merge_config(base: dict, override: dict, where: str = "") -> dict:
+    """``override`` merged into a copy of ``base``, mapping by mapping; InputError on a key ``base`` lacks.
+
+    ``where`` prefixes key names in the messages (``"train."``); an ``objective`` mapping is taken whole.
+    """
     out = copy.deepcopy(base)
     for key, value in override.items():
         if key not in base:
@@ -114,7 +118,7 @@ def _merge(base: dict, override: dict, where: str = "") -> dict:
         if isinstance(base[key], dict) and key != "objective":
             if not isinstance(value, dict):
                 raise InputError(f"config: '{where}{key}' must be a mapping")
-            out[key] = _merge(base[key], value, f"{where}{key}.")
+            out[key] = merge_config(base[key], value, f"{where}{key}.")
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -147,7 +151,7 @@ def load_config(config: str | os.PathLike | dict) -> tuple[dict, list[Path]]:
     objective = raw.get("objective", {}) or {}
     if not isinstance(objective, dict):
         raise InputError("config: 'objective' must be a mapping")
-    merged = _merge(default_config(), {k: v for k, v in raw.items() if k != "objective"})
+    merged = merge_config(default_config(), {k: v for k, v in raw.items() if k != "objective"})
     merged["objective"] = objective_config(objective)
     return merged, bases
 
@@ -294,39 +298,6 @@ def train_step(
     return result, lr
 
 
-# ---------------------------------------------------------------- distributed helpers
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _gather(obj: Any, info: _Dist) -> list:
-    if not info.active:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list = [None] * info.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 # ---------------------------------------------------------------- main loop
 def _rng_state(sampler: TwoViewSampler, objective) -> dict:
     return {"sampler": sampler.state_dict(), "objective": objective.state_dict(), "torch": torch.get_rng_state()}
@@ -348,7 +319,7 @@ def _save_checkpoint(path: Path, step: int, model, optimizer, rng_states: list, 
         torch.save(payload, tmp)
 
 
-def _write_log_header(path: Path, columns: list[str], keep_until: int | None) -> None:
+def write_log_header(path: Path, columns: list[str], keep_until: int | None) -> None:
     """Start log.csv, or (on resume) keep only rows up to step ``keep_until``."""
     rows: list[list[str]] = []
     if keep_until is not None and path.is_file():
@@ -373,7 +344,7 @@ class _Run:
     crops: CropConfig
     data_files: list[str]
     device: torch.device
-    dist: _Dist
+    dist: DistInfo
     out: Path
     checkpoint: dict | None = None
     extra: dict = field(default_factory=dict)
@@ -405,7 +376,7 @@ def _prepare(config, out_dir, resume: bool, device, max_steps, init_weights) -> 
     check_holdout(data_files, cfg["holdout"], bases)
 
     dev = resolve_device(device)
-    info = _init_distributed(dev)
+    info = init_distributed(dev)
     if info.active and dev.type == "cuda":
         dev = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(dev)
@@ -505,7 +476,7 @@ def _loop(run: _Run, model, net, objective, sampler, optimizer, params, start: i
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(result['loss'].detach()):.3f}", refresh=False)
             if done % train_cfg.checkpoint_every == 0 or done == train_cfg.max_steps:
-                states = _gather(_rng_state(sampler, objective), info)
+                states = gather(_rng_state(sampler, objective), info)
                 if info.rank == 0:
                     _save_checkpoint(run.ckpt_path, done, net, optimizer, states, seconds, run.cfg)
     finally:
@@ -553,7 +524,7 @@ def train_embedder(
         run.out.mkdir(parents=True, exist_ok=True)
         with atomic_path(run.out / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(run.cfg, sort_keys=False))
-        _write_log_header(run.log_path, columns, keep_until=start if run.checkpoint is not None else None)
+        write_log_header(run.log_path, columns, keep_until=start if run.checkpoint is not None else None)
 
     seconds = _loop(run, model, net, objective, sampler, optimizer, params, start, seconds)
     weights = run.out / "weights.pt"
@@ -561,10 +532,7 @@ def train_embedder(
         model.eval()
         extra = {"steps": run.train.max_steps, "train_seconds": seconds, "data_files": [Path(f).name for f in run.data_files]}
         save_weights(model, weights, run.cfg, extra=extra)
-    if run.dist.active:
-        import torch.distributed as dist
-
-        dist.barrier()
+    barrier(run.dist)
     return weights
 
 
@@ -587,11 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"regsam: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"weights: {path}")
     return 0
