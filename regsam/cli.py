@@ -118,7 +118,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------- register
 #: ``regsam register`` flags that are method options (MethodSpec.options), flag name -> option name
-_REGISTER_OPTION_FLAGS = {"--stages": "stages", "--device": "device", "--weights": "weights"}
+_REGISTER_OPTION_FLAGS = {"--stages": "stages", "--device": "device", "--weights": "weights",
+                          "--net-weights": "net_weights"}
 
 
 def _methods_taking(option: str) -> str:
@@ -173,6 +174,8 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                    help=f"torch device ({_methods_taking('device')})")
     p.add_argument("--weights", default=None,
                    help=f"embedder weights file, default the shipped weights ({_methods_taking('weights')})")
+    p.add_argument("--net-weights", default=None,
+                   help=f"registration network weights, default the shipped weights ({_methods_taking('net_weights')})")
     p.add_argument("--nan-value", type=float, default=None, metavar="HU",
                    help="replace NaN/inf voxels of the images by HU (e.g. -1024) instead of refusing them")
     p.set_defaults(func=_cmd_register)
@@ -372,6 +375,30 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_match)
 
 
+# ---------------------------------------------------------------- registration network: train
+def _cmd_train_deformable(args: argparse.Namespace) -> int:
+    from regsam.register.net.train import run_command, run_rank
+
+    path = run_command(args)
+    if run_rank() == 0:
+        print(f"weights: {path}")
+    return 0
+
+
+def _add_train_deformable(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-deformable",
+                       help="train the embedding-guided registration network of --method sam-net (torchrun-aware)")
+    p.add_argument("--config", required=True, help="YAML config (e.g. configs/deformable/sam_net_chest.yaml)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, log.csv, weights.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--init-weights", default=None, metavar="PT",
+                   help="start from these network weights with a fresh optimiser (override train.init_weights)")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train_deformable)
+
+
 # ---------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regsam", description=__doc__.splitlines()[0])
@@ -382,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_apply(sub)
     _add_bench(sub)
     _add_embed(sub)
+    _add_train_deformable(sub)
     _add_demo(sub)
     return parser
 

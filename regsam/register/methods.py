@@ -129,6 +129,12 @@ def _run_sam(fixed, moving, **kwargs):
     return register_sam(fixed, moving, **kwargs)
 
 
+def _run_sam_net(fixed, moving, **kwargs):
+    from regsam.register.sam import register_sam
+
+    return register_sam(fixed, moving, method="sam-net", **kwargs)
+
+
 def _run_sam_elastix(fixed, moving, **kwargs):
     from regsam.register.sam_elastix import register_sam_elastix
 
@@ -170,6 +176,20 @@ METHODS: dict[str, MethodSpec] = {
             "for small motion, slower, and worse at the lung base of a full thorax",
             preset_table="regsam.register.sam:PRESETS",
             mask_note="lungs: the search box and the sliding surface; default: the automatic lung mask",
+        ),
+        MethodSpec(
+            name="sam-net",
+            run=_run_sam_net,
+            presets=("fast", "instant"),
+            default_preset="fast",
+            options=frozenset({"stages", "device", "weights", "net_weights", "seed"}),
+            uses_masks=frozenset({"fixed"}),
+            summary="SAM affine, then one pass of a registration network trained with SAM embedding guidance "
+            "(voxelmorph U-Net, diffeomorphic, 4 mm; `regsam train-deformable`, weights "
+            "`regsam/weights/sam_net_chest.pt`); `fast` finishes with the deformable stage started from the "
+            "network's field (instance optimisation), `instant` stops after the network",
+            preset_table="regsam.register.sam:NET_PRESETS",
+            mask_note="lungs: the sliding surface and the similarity's region of the deformable finish",
         ),
         MethodSpec(
             name="elastix",

@@ -11,7 +11,9 @@ switched off (``stages``; a preset names its default stages):
 3. **capture** (:mod:`regsam.register.capture`): coarse-to-fine discrete displacement search over MIND-SSC
    and SAM features with a convex coupling that lets the lungs slide: carries the 20-40 mm of a breathing
    lung base that the smooth fit and a few gradient steps cannot.
-4. **deformable** (:mod:`regsam.register.deformable`): per-pair optimisation of LNCC + bending energy,
+4. **network** (``--method sam-net`` only; :mod:`regsam.register.net.stage`): one pass of the trained
+   registration network on the pair after the affine gives the residual (in place of the capture).
+5. **deformable** (:mod:`regsam.register.deformable`): per-pair optimisation of LNCC + bending energy,
    started from the capture residual, one smooth field inside the lungs and one outside (sliding), steps
    stopped on convergence.
 
@@ -42,11 +44,16 @@ from regsam.io.images import AIR_HU, resample_to_spacing
 from regsam.io.transforms import transform_to_field, warp_image
 from regsam.register.capture import CaptureSettings, capture_motion
 from regsam.register.deformable import refine_deformable
+from regsam.register.net.model import network_weights_file
+from regsam.register.net.stage import NetworkStage
 from regsam.register.presets import choose_preset
 from regsam.register.result import RegistrationResult
 from regsam.register.stages import Stage, timed
 
-STAGES = ("affine", "coarse", "capture", "deformable")
+#: every stage in run order; ``sam`` takes :data:`SAM_STAGES`, ``sam-net`` :data:`NET_STAGES`
+STAGES = ("affine", "coarse", "capture", "network", "deformable")
+SAM_STAGES = ("affine", "coarse", "capture", "deformable")
+NET_STAGES = ("affine", "network", "deformable")
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,16 @@ PRESETS: dict[str, SamPreset] = {
     "accurate": SamPreset(stages=("affine", "capture", "deformable"), deformable_overrides=_DEFORMABLE_CAPTURED),
 }
 DEFAULT_PRESET = "fast"
+#: ``--method sam-net``: the network replaces the capture; ``fast`` finishes with the deformable stage started
+#: from the network's residual (instance optimisation), ``instant`` stops after the network pass.
+NET_PRESETS: dict[str, SamPreset] = {
+    "fast": SamPreset(stages=("affine", "network", "deformable"), deformable_overrides=_DEFORMABLE_CAPTURED),
+    "instant": SamPreset(stages=("affine", "network"), deformable_overrides=_DEFORMABLE_CAPTURED),
+}
+#: method name -> (preset table, stages it takes)
+METHOD_TABLES: dict[str, tuple[dict[str, SamPreset], tuple[str, ...]]] = {
+    "sam": (PRESETS, SAM_STAGES), "sam-net": (NET_PRESETS, NET_STAGES),
+}
 
 
 def parse_stages(stages: Sequence[str] | str, known: Sequence[str], method: str) -> list[str]:
@@ -155,10 +172,11 @@ class SamState:
     corr: Correspondences | None = None
     affine: sitk.Transform | None = None
     coarse: sitk.Image | None = None  # fixed -> moving field of the coarse stage
-    residual: sitk.Image | None = None  # capture: r of x -> T0(x + r(x))
+    residual: sitk.Image | None = None  # capture / network: r of x -> T0(x + r(x))
     displacement: sitk.Image | None = None  # final field on the fixed grid
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    net_weights: str | None = None  # network stage: weights file (None: the shipped ones)
 
     @property
     def start(self) -> sitk.Transform | sitk.Image | None:
@@ -237,7 +255,7 @@ class DeformableStage:
                                       "sliding": result.info["sliding"]}
 
 
-STAGE_OBJECTS: dict[str, Stage] = {stage.name: stage for stage in (AffineStage(), CoarseStage(), CaptureStage(), DeformableStage())}
+STAGE_OBJECTS: dict[str, Stage] = {stage.name: stage for stage in (AffineStage(), CoarseStage(), CaptureStage(), NetworkStage(), DeformableStage())}
 
 
 def _ensure_matches(state: SamState) -> Correspondences:
@@ -280,26 +298,34 @@ def register_sam(
     device: str | None = None,
     weights: str | None = None,
     seed: int = 0,
+    net_weights: str | None = None,
+    method: str = "sam",
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with SAM embeddings (images validated by ``api.register``).
 
     Args:
-        preset: ``fast`` (default) or ``accurate`` (see :data:`PRESETS`).
+        preset: ``sam``: ``fast`` (default) or ``accurate`` (see :data:`PRESETS`); ``sam-net``: ``fast``
+            (default) or ``instant`` (:data:`NET_PRESETS`).
         fixed_mask: optional lung mask of the fixed image: the sliding surface and the similarity's region
             (default: the automatic lung mask); the matched points always come from the automatic body mask.
-        stages: any of ``affine``, ``coarse``, ``capture``, ``deformable`` (comma-separated string or list;
-            default: the preset's, ``affine,capture,deformable``).
+        stages: ``sam``: any of ``affine``, ``coarse``, ``capture``, ``deformable``; ``sam-net``: any of ``affine``,
+            ``network``, ``deformable`` (comma-separated string or list; default: the preset's).
         device: ``cpu`` or ``cuda`` (default: CUDA when available).
         weights: embedder weights file (default: the shipped ``regsam/weights/sam_chest.pt``).
+        net_weights: ``sam-net``: network weights file (default: the shipped ``regsam/weights/sam_net_chest.pt``).
+        method: ``sam`` or ``sam-net`` (:data:`METHOD_TABLES`: its presets and stages; the result's method).
     """
     start = time.perf_counter()
-    name, cfg = choose_preset(PRESETS, preset, DEFAULT_PRESET, "sam")
-    wanted = parse_stages(stages if stages is not None else cfg.stages, STAGES, "sam")
+    presets, known = METHOD_TABLES[method]
+    name, cfg = choose_preset(presets, preset, DEFAULT_PRESET, method)
+    wanted = parse_stages(stages if stages is not None else cfg.stages, known, method)
+    if "network" in wanted:
+        network_weights_file(net_weights)  # a missing network fails before the embedding work
     timings: dict[str, float] = {}
     with timed(timings, "embed"):
         fixed_emb, moving_emb, dev = embed_pair(fixed, moving, weights, device)
     state = SamState(fixed, moving, cfg, seed, dev, fixed_emb, moving_emb, timings=timings,
-                     extras={"stages": wanted, "preset": name})
+                     extras={"stages": wanted, "preset": name}, net_weights=net_weights)
     with timed(timings, "masks"):
         state.body, lungs = automatic_masks(fixed, cfg.mask_spacing_mm)
         state.lungs = fixed_mask if fixed_mask is not None else lungs
@@ -318,7 +344,7 @@ def register_sam(
     timings["total"] = time.perf_counter() - start
     artifacts = {"correspondences.csv": state.corr.to_csv()} if state.corr is not None else {}
     return RegistrationResult(
-        displacement=state.displacement, warped=warped, method="sam", preset=name, timings=timings,
+        displacement=state.displacement, warped=warped, method=method, preset=name, timings=timings,
         affine=state.affine, extras=state.extras, artifacts=artifacts,
     )
 

@@ -141,7 +141,7 @@ def test_spec_checks_its_own_shape_and_unknown_methods_are_listed():
     with pytest.raises(ValueError, match="default preset"):
         MethodSpec(name="x", run=print, presets=("a",), default_preset="b", options=frozenset(),
                    uses_masks=frozenset(), summary="")
-    with pytest.raises(InputError, match="unknown registration method 'x' \\(known: sam, elastix, sam\\+elastix, convexadam, ants\\)"):
+    with pytest.raises(InputError, match="unknown registration method 'x' \\(known: sam, sam-net, elastix, sam\\+elastix, convexadam, ants\\)"):
         get_method("x")
 
 

@@ -1,0 +1,204 @@
+"""The registration network: voxelmorph's ``VxmPairwise`` (a U-Net predicting a stationary velocity field,
+integrated by scaling and squaring) on the pair after the SAM affine, at ``spacing_mm`` (2-4 mm).
+
+Tensor conventions (see :mod:`regsam.register.torch_fields`): images are (B, C, D, H, W) with tensor axes
+z, y, x of the network grid; voxelmorph's displacement is (B, 3, D, H, W) in **voxels**, channel ``k`` along
+tensor axis ``2 + k``, and its warp samples the moving image at ``i + d[:, :, i]`` (the MONAI ``Warp`` DDF
+convention). :func:`network_field_to_world` is the one place that turns it into the project's convention
+(mm, world LPS axes through the grid's direction, fixed ``x`` -> moving ``x + u(x)``).
+
+Inputs: HU clipped to [-1024, 1024] and scaled to [-1, 1] (:func:`regsam.embed.preprocess.normalize_hu`),
+fixed as voxelmorph's *target*, moving (already through the affine ``T0``) as its *source*, each optionally
+followed by ``feature_channels`` PCA-reduced SAM fine-embedding channels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import voxelmorph as vxm
+
+from regsam.embed.preprocess import HU_WINDOW, normalize_hu
+from regsam.errors import InputError
+from regsam.io.atomic import atomic_path
+from regsam.io.geometry import empty_like_grid
+from regsam.io.images import AIR_HU
+from regsam.io.transforms import TransformLike
+from regsam.register.torch_fields import ddf_to_field, image_to_tensor
+
+#: the shipped network (trained by ``regsam train-deformable --config configs/deformable/sam_net_chest.yaml``)
+DEFAULT_NET_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "sam_net_chest.pt"
+NET_WEIGHTS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture and input grid of the network (the ``model`` section of a deformable config)."""
+
+    #: isotropic spacing (mm) the network runs at; 2-4 mm
+    spacing_mm: float = 4.0
+    #: U-Net widths per level (each level halves the grid; inputs are padded to a multiple of 2**len)
+    nb_features: tuple[int, ...] = (16, 32, 32, 32)
+    #: scaling-and-squaring steps (0: the velocity is used as the displacement, not diffeomorphic)
+    integration_steps: int = 5
+    #: SAM fine-embedding channels (PCA-reduced) given to the network beside each image; 0: images only
+    feature_channels: int = 0
+    #: HU window mapped to [-1, 1]
+    hu_window: tuple[float, float] = HU_WINDOW
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= float(self.spacing_mm) <= 8.0:
+            raise InputError(f"model.spacing_mm must be in [1, 8] mm, got {self.spacing_mm}")
+        if not self.nb_features or any(int(n) < 1 for n in self.nb_features):
+            raise InputError(f"model.nb_features must be positive widths, got {list(self.nb_features)}")
+        if self.integration_steps < 0 or self.feature_channels < 0:
+            raise InputError("model.integration_steps and model.feature_channels must be >= 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> NetConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"config: unknown key 'model.{unknown[0]}' (known: {', '.join(sorted(known))})")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fixed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @property
+    def stride(self) -> int:
+        """Every input extent must be a multiple of this (one max-pool per U-Net level)."""
+        return 2 ** len(self.nb_features)
+
+
+def build_network(cfg: NetConfig | dict) -> vxm.nn.models.VxmPairwise:
+    """A 3D ``VxmPairwise``: source = moving (+ features), target = fixed (+ features); 1 + feature_channels each."""
+    cfg = cfg if isinstance(cfg, NetConfig) else NetConfig.from_dict(cfg)
+    channels = 1 + int(cfg.feature_channels)
+    return vxm.nn.models.VxmPairwise(
+        ndim=3, source_channels=channels, target_channels=channels, nb_features=[int(n) for n in cfg.nb_features],
+        integration_steps=int(cfg.integration_steps),
+    )
+
+
+def predict_residual(net: torch.nn.Module, fixed_t: torch.Tensor, moving_t: torch.Tensor) -> torch.Tensor:
+    """The network's displacement (B, 3, D, H, W) in voxels of the input grid, channels along tensor axes z, y, x.
+
+    ``fixed_t``/``moving_t``: (B, 1 + feature_channels, D, H, W) on the same grid, D, H, W multiples of the
+    network stride; ``moving_t`` is the moving image already resampled through ``T0`` onto that grid. The
+    result ``d`` maps fixed voxel ``i`` to ``i + d[:, :, i]`` of that resampled moving image (the residual ``r``
+    of the SAM contract ``x -> T0(x + r(x))``, in voxels; :func:`network_field_to_world` gives mm).
+    """
+    if fixed_t.shape != moving_t.shape or fixed_t.dim() != 5:
+        raise InputError(f"network inputs must be two (B, C, D, H, W) tensors of one shape, got "
+                         f"{tuple(fixed_t.shape)} and {tuple(moving_t.shape)}")
+    return net(moving_t, fixed_t, return_field_type="displacement")
+
+
+def network_field_to_world(displacement: torch.Tensor, grid: sitk.Image) -> sitk.Image:
+    """voxelmorph displacement (1, 3, D, H, W; voxels; channels z, y, x) -> world field (mm, LPS) on ``grid``.
+
+    The only conversion between the network's units/axes and the project's convention: each channel is scaled
+    by its axis' spacing and rotated through ``grid``'s direction matrix
+    (:func:`regsam.register.torch_fields.ddf_to_field`, which the MONAI ``Warp`` convention shares).
+    """
+    if displacement.dim() != 5 or displacement.shape[:2] != (1, 3):
+        raise InputError(f"displacement must be (1, 3, D, H, W), got {tuple(displacement.shape)}")
+    return ddf_to_field(displacement.detach().float(), grid)
+
+
+# ------------------------------------------------------------------ grids and inputs
+def network_grid(
+    fixed: sitk.Image, spacing_mm: float, multiple: int, min_size_xyz: Sequence[int] = (1, 1, 1)
+) -> sitk.Image:
+    """The grid the network runs on: ``fixed``'s origin and direction, isotropic ``spacing_mm``, covering the
+    fixed image, each extent padded (at the high end) to a multiple of ``multiple`` voxels and to at least
+    ``min_size_xyz``. Empty uint8 image."""
+    extent = (np.array(fixed.GetSize()) - 1) * np.array(fixed.GetSpacing())
+    size = np.floor(extent / float(spacing_mm)).astype(np.int64) + 1
+    size = np.maximum((np.ceil(size / multiple) * multiple).astype(np.int64), np.asarray(min_size_xyz, dtype=np.int64))
+    return empty_like_grid(size, fixed.GetOrigin(), (float(spacing_mm),) * 3, fixed.GetDirection())
+
+
+def image_on_grid(image: sitk.Image, grid: sitk.Image, transform: TransformLike | None,
+                  hu_window: tuple[float, float] = HU_WINDOW) -> torch.Tensor:
+    """``image`` (HU) sampled at ``transform(x)`` for every voxel ``x`` of ``grid`` (linear; air outside),
+    clipped and scaled to [-1, 1]: (1, 1, D, H, W) float32."""
+    if transform is None:
+        t: sitk.Transform = sitk.Transform()
+    elif isinstance(transform, sitk.Image):
+        t = sitk.DisplacementFieldTransform(sitk.Image(transform))
+    else:
+        t = transform
+    on = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, t, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    return normalize_hu(image_to_tensor(on), hu_window)
+
+
+# ------------------------------------------------------------------ weights files
+@dataclass
+class LoadedNetwork:
+    """A network in eval mode with its configuration (and the training config it came from)."""
+
+    net: torch.nn.Module
+    config: NetConfig
+    training: dict = field(default_factory=dict)
+
+
+def save_network(net: torch.nn.Module, cfg: NetConfig, path: str | os.PathLike, training: dict | None = None) -> Path:
+    """Write ``{format, net_config, state_dict, training}`` atomically (float32 state dict, ~1 MB)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": NET_WEIGHTS_FORMAT, "kind": "regsam-deformable-net", "net_config": cfg.to_dict(),
+               "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "training": training or {}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def network_weights_file(path: str | os.PathLike | None = None) -> Path:
+    """The network weights file ``path`` (default: the shipped one), or InputError (one line) when it is missing."""
+    weights = Path(path) if path is not None else DEFAULT_NET_WEIGHTS
+    if not weights.is_file():
+        if path is None:
+            raise InputError(f"sam-net: no shipped network weights at {weights}; train them with 'regsam "
+                             "train-deformable --config configs/deformable/sam_net_chest.yaml --out runs/sam_net' "
+                             "and pass net_weights (--net-weights)")
+        raise InputError(f"sam-net: network weights not found: {weights}")
+    return weights
+
+
+def load_network(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedNetwork:
+    """Load network weights (default: the shipped ``regsam/weights/sam_net_chest.pt``) in eval mode.
+
+    Raises:
+        InputError: the file is missing, unreadable or not regsam network weights (one line).
+    """
+    weights = network_weights_file(path)
+    try:
+        payload = torch.load(weights, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
+        raise InputError(f"{weights}: not a readable torch file ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or "state_dict" not in payload or "net_config" not in payload:
+        raise InputError(f"{weights}: not regsam network weights (no state_dict/net_config)")
+    cfg = NetConfig.from_dict(payload["net_config"])
+    net = build_network(cfg)
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:120]
+        raise InputError(f"{weights}: weights do not fit the stored architecture ({first})") from None
+    return LoadedNetwork(net.to(torch.device(device)).eval(), cfg, dict(payload.get("training", {})))
+
+
+__all__ = [
+    "DEFAULT_NET_WEIGHTS", "LoadedNetwork", "NetConfig", "build_network", "image_on_grid", "load_network",
+    "network_field_to_world", "network_grid", "network_weights_file", "predict_residual", "save_network",
+]
