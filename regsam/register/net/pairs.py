@@ -40,7 +40,7 @@ from regsam.embed.inference import embed_image
 from regsam.embed.model import SAMEmbedder
 from regsam.embed.train import SAMPLE_CT
 from regsam.errors import InputError
-from regsam.io.images import read_image, standardize
+from regsam.io.images import check_volume, read_image, standardize
 from regsam.register.net.model import NetConfig, image_on_grid, network_grid
 from regsam.register.sam import shared_pca_features
 from regsam.register.torch_fields import sample_world
@@ -120,7 +120,7 @@ def load_scans(paths: Sequence[str], spacing_mm: float) -> tuple[list[Scan], lis
     scans, skipped = [], []
     for path in paths:
         source = str(fetch_sample_ct()["ct"]) if path == SAMPLE_CT else path
-        image = standardize(read_image(source, "training CT"), float(spacing_mm))
+        image = standardize(check_volume(read_image(source, "training CT"), Path(source).name), float(spacing_mm))
         try:
             chest_masks(image)
         except InputError:
