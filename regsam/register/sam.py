@@ -44,6 +44,7 @@ from regsam.io.images import AIR_HU, resample_to_spacing
 from regsam.io.transforms import transform_to_field, warp_image
 from regsam.register.capture import CaptureSettings, capture_motion
 from regsam.register.deformable import refine_deformable
+from regsam.register.embedding_pca import shared_pca_features
 from regsam.register.net.model import network_weights_file
 from regsam.register.net.stage import NetworkStage
 from regsam.register.presets import choose_preset
@@ -123,34 +124,6 @@ def embed_pair(fixed: sitk.Image, moving: sitk.Image, weights: str | None = None
 def affine_summary(fit) -> dict[str, Any]:
     """The summary.json entry of a SAM affine fit."""
     return {"inliers": int(fit.n_inliers), "rms_inlier_mm": float(fit.rms_inlier_mm), "matrix": fit.matrix.tolist()}
-
-
-def shared_pca_features(fixed_fine: np.ndarray, moving_fine: np.ndarray, components: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Project two (C, D, H, W) embeddings onto their top principal components (one shared basis).
-
-    The deformable loss warps the moving embedding every iteration; 16 components keep almost all
-    of the cosine structure at a fraction of the cost of all C channels. Outputs are float32,
-    (components, D, H, W), re-normalised to unit length along the channels.
-    """
-    channels = fixed_fine.shape[0]
-    if components >= channels:
-        return fixed_fine.astype(np.float32), moving_fine.astype(np.float32)
-    # torch converts float16 and multiplies several times faster than numpy here (~1 s -> ~0.35 s per pair)
-    flats = [torch.from_numpy(np.ascontiguousarray(a)).reshape(channels, -1).float() for a in (fixed_fine, moving_fine)]
-    generator = torch.Generator().manual_seed(int(seed))
-    samples = [f[:, torch.randperm(f.shape[1], generator=generator)[:20000]] for f in flats]
-    both = torch.cat(samples, dim=1).double()
-    mean = both.mean(dim=1, keepdim=True)
-    centred = both - mean
-    _, vectors = torch.linalg.eigh(centred @ centred.T)  # ascending eigenvalues of the (C, C) scatter matrix
-    basis = vectors[:, -components:].flip(1).T.float()  # (k, C), largest variance first
-
-    def project(flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
-        out = basis @ (flat - mean.float())
-        out /= out.norm(dim=0, keepdim=True) + 1e-6
-        return out.reshape((components,) + shape).numpy()
-
-    return project(flats[0], fixed_fine.shape[1:]), project(flats[1], moving_fine.shape[1:])
 
 
 # ------------------------------------------------------------------ stages

@@ -9,7 +9,8 @@ convention). :func:`network_field_to_world` is the one place that turns it into 
 
 Inputs: HU clipped to [-1024, 1024] and scaled to [-1, 1] (:func:`regsam.embed.preprocess.normalize_hu`),
 fixed as voxelmorph's *target*, moving (already through the affine ``T0``) as its *source*, each optionally
-followed by ``feature_channels`` PCA-reduced SAM fine-embedding channels.
+followed by ``feature_channels`` SAM fine-embedding channels projected on one fixed PCA basis (chosen at
+training start, stored with the weights, so a channel means the same thing in every pair).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class NetConfig:
     nb_features: tuple[int, ...] = (16, 32, 32, 32)
     #: scaling-and-squaring steps (0: the velocity is used as the displacement, not diffeomorphic)
     integration_steps: int = 5
-    #: SAM fine-embedding channels (PCA-reduced) given to the network beside each image; 0: images only
+    #: SAM fine-embedding channels (on the weights' fixed PCA basis) given beside each image; 0: images only
     feature_channels: int = 0
     #: HU window mapped to [-1, 1]
     hu_window: tuple[float, float] = HU_WINDOW
@@ -161,14 +162,23 @@ class LoadedNetwork:
     net: torch.nn.Module
     config: NetConfig
     training: dict = field(default_factory=dict)
+    #: ``(basis (k, C), mean (C, 1))`` projecting SAM fine embeddings onto the input channels (None: k = 0)
+    feature_basis: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def save_network(net: torch.nn.Module, cfg: NetConfig, path: str | os.PathLike, training: dict | None = None) -> Path:
-    """Write ``{format, net_config, state_dict, training}`` atomically (float32 state dict, ~1 MB)."""
+def save_network(net: torch.nn.Module, cfg: NetConfig, path: str | os.PathLike, training: dict | None = None,
+                 feature_basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
+    """Write ``{format, net_config, state_dict, training, feature_basis}`` atomically (float32, ~1 MB).
+
+    ``feature_basis`` is required when ``cfg.feature_channels > 0`` (see :class:`LoadedNetwork`).
+    """
+    if cfg.feature_channels and feature_basis is None:
+        raise InputError("a network with feature_channels > 0 needs its feature_basis")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": NET_WEIGHTS_FORMAT, "kind": "regsam-deformable-net", "net_config": cfg.to_dict(),
-               "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "training": training or {}}
+               "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "training": training or {},
+               "feature_basis": None if feature_basis is None else [t.detach().cpu() for t in feature_basis]}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -206,7 +216,11 @@ def load_network(path: str | os.PathLike | None = None, device: str | torch.devi
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:120]
         raise InputError(f"{weights}: weights do not fit the stored architecture ({first})") from None
-    return LoadedNetwork(net.to(torch.device(device)).eval(), cfg, dict(payload.get("training", {})))
+    basis = payload.get("feature_basis")
+    if cfg.feature_channels and (basis is None or tuple(basis[0].shape)[0] != cfg.feature_channels):
+        raise InputError(f"{weights}: a network with SAM feature inputs but no matching feature_basis")
+    return LoadedNetwork(net.to(torch.device(device)).eval(), cfg, dict(payload.get("training", {})),
+                         None if basis is None else (basis[0], basis[1]))
 
 
 __all__ = [

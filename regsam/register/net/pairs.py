@@ -7,8 +7,9 @@ offset. The simulator knows that offset exactly: instead of running the SAM affi
 moving image is resampled through ``T0`` = the exact rigid part composed with a small random rigid residual
 (<= ``residual_mm``, <= ``residual_deg``), so the network sees what it will see after a good affine. The
 fixed image, the moving image through ``T0``, the fixed body and lungs (and, when the loss or the inputs
-need them, the frozen SAM fine embeddings of both images, PCA-reduced with one shared basis and resampled the
-same way) are put on the network grid (``spacing_mm``) once per pair.
+need them, the frozen SAM fine embeddings of both images, PCA-reduced with one basis per pair for the loss, and
+projected on the network's fixed input basis for ``feature_channels`` inputs, resampled the same way) are put on
+the network grid (``spacing_mm``) once per pair.
 
 A pool of ``pool_size`` pairs bounds the simulation cost: every ``refresh_every`` steps one new pair replaces
 the oldest. Each batch element is a random crop (``crop_size`` voxels x, y, z) of a random pool pair, centred
@@ -41,8 +42,8 @@ from regsam.embed.model import SAMEmbedder
 from regsam.embed.train import SAMPLE_CT
 from regsam.errors import InputError
 from regsam.io.images import check_volume, read_image, standardize
+from regsam.register.embedding_pca import pca_basis, project_features, shared_pca_features
 from regsam.register.net.model import NetConfig, image_on_grid, network_grid
-from regsam.register.sam import shared_pca_features
 from regsam.register.torch_fields import sample_world
 
 
@@ -110,6 +111,8 @@ class Pair:
     fixed_features: torch.Tensor | None
     moving_features: torch.Tensor | None
     meta: dict
+    fixed_inputs: torch.Tensor | None = None  # network input channels (fixed input basis), float16
+    moving_inputs: torch.Tensor | None = None
 
 
 def load_scans(paths: Sequence[str], spacing_mm: float) -> tuple[list[Scan], list[str]]:
@@ -142,6 +145,14 @@ def landmark_files(folder: Path, cases: Sequence[int]) -> dict[int, tuple[Path, 
                 raise InputError(f"pairs.landmarks: DIR-Lab landmark file not found: {path}")
         out[int(case)] = pair
     return out
+
+
+def input_feature_basis(scan: Scan, embedder: SAMEmbedder, channels: int, seed: int,
+                        device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed PCA basis of the network's SAM input channels: the top ``channels`` directions of ``scan``'s
+    fine embedding (the first training scan: the same on every rank and after a resume)."""
+    fine = embed_image(embedder, scan.image, device=device).fine
+    return pca_basis(fine, fine, channels, seed)
 
 
 def _rigid_matrix(axis: Sequence[float], degrees: float) -> np.ndarray:
@@ -177,9 +188,9 @@ class PairPool:
 
     def __init__(self, scans: list[Scan], settings: PairSettings, net: NetConfig,
                  landmarks: dict[int, tuple[Path, Path]], seed: int, embedder: SAMEmbedder | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, input_basis: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.scans, self.settings, self.net, self.landmarks = scans, settings, net, landmarks
-        self.seed, self.embedder, self.device = int(seed), embedder, device
+        self.seed, self.embedder, self.device, self.input_basis = int(seed), embedder, device, input_basis
         self.rng = np.random.default_rng([self.seed, 1])
         self.pool: list[Pair] = []
 
@@ -223,24 +234,32 @@ class PairPool:
             return torch.from_numpy(sitk.GetArrayFromImage(on) > 0)
 
         lungs = mask(sim.fixed_mask)
-        f_feat = m_feat = None
-        if self.embedder is not None:
-            f_feat, m_feat = self._features(sim.fixed, sim.moving, grid, t0)
         meta = {"scan": scan.name, "motion": sim.meta["motion"], "amplitude_mm": sim.meta["amplitude_mm"],
                 "rigid_offset": sim.meta["rigid_offset"]}
-        return Pair(index, image_on_grid(fixed, grid, None, self.net.hu_window)[0],
+        pair = Pair(index, image_on_grid(fixed, grid, None, self.net.hu_window)[0],
                     image_on_grid(sim.moving, grid, t0, self.net.hu_window)[0], mask(sim.fixed_body),
-                    lungs.nonzero().numpy(), f_feat, m_feat, meta)
+                    lungs.nonzero().numpy(), None, None, meta)
+        if self.embedder is not None:
+            self._add_features(pair, sim.fixed, sim.moving, grid, t0)
+        return pair
 
-    def _features(self, fixed: sitk.Image, moving: sitk.Image, grid: sitk.Image, t0: sitk.Transform):
-        """Frozen SAM fine embeddings of both images, PCA-reduced (shared basis), on ``grid`` (moving through t0)."""
+    def _add_features(self, pair: Pair, fixed: sitk.Image, moving: sitk.Image, grid: sitk.Image,
+                      t0: sitk.Transform) -> None:
+        """Frozen SAM fine embeddings of both images on ``grid`` (moving through t0): PCA-reduced with the pair's
+        own basis (loss), and on the fixed input basis (network inputs, when there is one)."""
         assert self.embedder is not None
         f_emb = embed_image(self.embedder, fixed, device=self.device)
         m_emb = embed_image(self.embedder, moving, device=self.device)
-        f_pca, m_pca = shared_pca_features(f_emb.fine, m_emb.fine, self.settings.embed_components, self.seed)
-        f_on = sample_world(torch.from_numpy(f_pca).float(), f_emb.fine_geometry, grid)
-        m_on = sample_world(torch.from_numpy(m_pca).float(), m_emb.fine_geometry, grid, t0)
-        return f_on.half(), m_on.half()
+
+        def on_grid(f: np.ndarray, m: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            f_on = sample_world(torch.from_numpy(f).float(), f_emb.fine_geometry, grid)
+            return f_on.half(), sample_world(torch.from_numpy(m).float(), m_emb.fine_geometry, grid, t0).half()
+
+        pair.fixed_features, pair.moving_features = on_grid(
+            *shared_pca_features(f_emb.fine, m_emb.fine, self.settings.embed_components, self.seed))
+        if self.input_basis is not None:
+            pair.fixed_inputs, pair.moving_inputs = on_grid(
+                project_features(f_emb.fine, *self.input_basis), project_features(m_emb.fine, *self.input_basis))
 
     def refresh(self, step: int) -> None:
         """Make the pool hold pairs ``[n - pool_size, n)`` with ``n = pool_size + step // refresh_every``: the
@@ -266,14 +285,16 @@ class PairPool:
         sl = tuple(slice(int(a), int(a + n)) for a, n in zip(lo, size_zyx))
         out = {"fixed": pair.fixed[(slice(None), *sl)], "moving": pair.moving[(slice(None), *sl)],
                "body": pair.body[sl][None].float()}
-        if pair.fixed_features is not None and pair.moving_features is not None:
-            out["fixed_features"] = pair.fixed_features[(slice(None), *sl)].float()
-            out["moving_features"] = pair.moving_features[(slice(None), *sl)].float()
+        for name in ("fixed_features", "moving_features", "fixed_inputs", "moving_inputs"):
+            values = getattr(pair, name)
+            if values is not None:
+                out[name] = values[(slice(None), *sl)].float()
         return out
 
     def batch(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
         """The crops of (0-based) ``step``: dict of (B, C, d, h, w) tensors ``fixed``, ``moving``, ``body`` and,
-        with embeddings, ``fixed_features``/``moving_features``."""
+        with embeddings, ``fixed_features``/``moving_features`` (loss) and ``fixed_inputs``/``moving_inputs``
+        (network input channels, with an input basis)."""
         self.refresh(step)
         crops = [self._crop(self.pool[int(self.rng.integers(len(self.pool)))]) for _ in range(batch_size)]
         return {k: torch.stack([c[k] for c in crops]) for k in crops[0]}
@@ -287,4 +308,5 @@ class PairPool:
         self.pool = []
 
 
-__all__ = ["Pair", "PairPool", "PairSettings", "Scan", "landmark_files", "load_scans", "start_transform"]
+__all__ = ["Pair", "PairPool", "PairSettings", "Scan", "input_feature_basis", "landmark_files", "load_scans",
+           "start_transform"]

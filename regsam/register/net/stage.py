@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from regsam.register.embedding_pca import project_features
 from regsam.register.net.model import (
     LoadedNetwork,
     image_on_grid,
@@ -24,13 +25,14 @@ from regsam.register.torch_fields import sample_world
 
 
 def _feature_inputs(state: Any, loaded: LoadedNetwork, grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``feature_channels`` PCA'd SAM fine-embedding channels of both images on ``grid`` (moving
-    through T0), each (1, k, D, H, W)."""
-    k = int(loaded.config.feature_channels)
-    fixed_feat, moving_feat = state.pca_features()
-    f = sample_world(torch.from_numpy(fixed_feat[:k]).float(), state.fixed_emb.fine_geometry, grid)
-    m = sample_world(torch.from_numpy(moving_feat[:k]).float(), state.moving_emb.fine_geometry, grid, state.start)
-    return f[None], m[None]
+    """Both images' SAM fine embeddings on the network's fixed input basis, on ``grid`` (moving through T0):
+    (1, feature_channels, D, H, W) each."""
+    assert loaded.feature_basis is not None
+    f = project_features(state.fixed_emb.fine, *loaded.feature_basis)
+    m = project_features(state.moving_emb.fine, *loaded.feature_basis)
+    f_on = sample_world(torch.from_numpy(f), state.fixed_emb.fine_geometry, grid)
+    m_on = sample_world(torch.from_numpy(m), state.moving_emb.fine_geometry, grid, state.start)
+    return f_on[None], m_on[None]
 
 
 class NetworkStage:

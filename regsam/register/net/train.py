@@ -50,7 +50,7 @@ from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
 from regsam.register.net.loss import COMPONENTS, LossConfig, RegistrationLoss
 from regsam.register.net.model import NetConfig, build_network, load_network, predict_residual, save_network
-from regsam.register.net.pairs import PairPool, PairSettings, landmark_files, load_scans
+from regsam.register.net.pairs import PairPool, PairSettings, input_feature_basis, landmark_files, load_scans
 
 
 @dataclass
@@ -200,7 +200,8 @@ def _landmark_folder(run: _Run) -> Path:
 def _build(run: _Run):
     """Network, loss, pair pool and optimizer, restored from the checkpoint when there is one.
 
-    Returns ``(net, loss, pool, optimizer, start_step, seconds)``.
+    Returns ``(net, loss, pool, optimizer, start_step, seconds)``; ``pool.input_basis`` is the network's fixed
+    SAM input basis (``feature_channels > 0``), derived from the first training scan.
     """
     seed, rank = int(run.cfg["seed"]), run.dist.rank
     torch.manual_seed(seed + 1000 * rank)
@@ -215,7 +216,10 @@ def _build(run: _Run):
     scans, skipped = load_scans(run.data_files, run.pairs.scan_spacing_mm)
     if skipped and rank == 0:
         print(f"regsam: no lungs to simulate breathing in, left out: {', '.join(skipped)}", file=sys.stderr)
-    pool = PairPool(scans, run.pairs, run.net_cfg, landmarks, seed + 1000 * rank, embedder, run.device)
+    basis = None
+    if run.net_cfg.feature_channels and embedder is not None:
+        basis = input_feature_basis(scans[0], embedder, run.net_cfg.feature_channels, seed, run.device)
+    pool = PairPool(scans, run.pairs, run.net_cfg, landmarks, seed + 1000 * rank, embedder, run.device, basis)
     if run.train.init_weights and run.checkpoint is None:
         source = load_network(_resolve_one(run.train.init_weights, run.bases, "train.init_weights"))
         if source.config != run.net_cfg:
@@ -232,19 +236,19 @@ def _build(run: _Run):
             pool.load_state_dict(states[rank]["pool"])
             torch.set_rng_state(states[rank]["torch"])
         else:  # another world size cannot replay the same streams: fresh, step-dependent seeds
-            pool = PairPool(scans, run.pairs, run.net_cfg, landmarks, seed + 1000 * rank + start, embedder, run.device)
+            pool = PairPool(scans, run.pairs, run.net_cfg, landmarks, seed + 1000 * rank + start, embedder,
+                            run.device, basis)
             torch.manual_seed(seed + 1000 * rank + start)
     return net, loss, pool, optimizer, start, seconds
 
 
 def _inputs(batch: dict[str, torch.Tensor], net_cfg: NetConfig, device: torch.device):
-    """(fixed, moving) network inputs: images, followed by ``feature_channels`` embedding channels."""
+    """(fixed, moving) network inputs: images, followed by the ``feature_channels`` SAM input channels."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    k = int(net_cfg.feature_channels)
-    if k == 0:
+    if not net_cfg.feature_channels:
         return batch, batch["fixed"], batch["moving"]
-    fixed = torch.cat([batch["fixed"], batch["fixed_features"][:, :k]], dim=1)
-    moving = torch.cat([batch["moving"], batch["moving_features"][:, :k]], dim=1)
+    fixed = torch.cat([batch["fixed"], batch["fixed_inputs"]], dim=1)
+    moving = torch.cat([batch["moving"], batch["moving_inputs"]], dim=1)
     return batch, fixed, moving
 
 
@@ -351,7 +355,7 @@ def train_deformable(
         net.eval()
         training = {"config": run.cfg, "steps": run.train.max_steps, "train_seconds": seconds,
                     "world_size": run.dist.world, "data_files": [Path(f).name for f in run.data_files]}
-        save_network(net, run.net_cfg, weights, training)
+        save_network(net, run.net_cfg, weights, training, feature_basis=pool.input_basis)
     barrier(run.dist)
     return weights
 

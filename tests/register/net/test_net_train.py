@@ -154,3 +154,23 @@ def test_shipped_configs_load_and_differ_only_in_the_embedding_weight(shared_dat
     raw = (CONFIGS / "sam_net_chest.yaml").read_text().splitlines()
     keyed = [line for line in raw if line.startswith("  ") and ":" in line and not line.strip().startswith("-")]
     assert all("#" in line for line in keyed if not line.strip().startswith("warmup_ratio")), "every key is commented"
+
+
+@pytest.mark.slow
+def test_sam_feature_inputs_use_one_basis_from_training_to_inference(lung_ct, dirlab_landmarks, tmp_path):
+    """The feature-input variant: the network takes image + k SAM channels on a fixed basis stored with the
+    weights, and sam-net projects the inference embeddings on that same basis."""
+    from regsam.register.api import register
+
+    config = tiny(lung_ct, dirlab_landmarks, max_steps=2, checkpoint_every=2)
+    config["model"]["feature_channels"] = 3
+    weights = train_deformable(config, tmp_path / "feat", progress=False)
+    loaded = load_network(weights)
+    basis, mean = loaded.feature_basis
+    assert basis.shape == (3, mean.shape[0]) and torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-4)
+    again = train_deformable(config, tmp_path / "again", progress=False)
+    assert torch.equal(load_network(again).feature_basis[0], basis)  # deterministic: same on every run and rank
+    ct = sitk.ReadImage(str(lung_ct))
+    result = register(ct, ct, method="sam-net", stages="network", net_weights=str(weights), device="cpu")
+    assert result.extras["network"]["feature_channels"] == 3
+    assert np.isfinite(sitk.GetArrayViewFromImage(result.displacement)).all()
