@@ -8,11 +8,14 @@ Outputs for an input ``x`` of shape (B, 1, D, H, W) (D, H, W multiples of :attr:
 Level geometry (used identically in training and inference): every strided convolution has
 kernel 3 and padding 1, so output voxel ``i`` of a level with factor ``f`` is centred on input voxel
 ``f * i``. A level therefore has the input grid's origin and direction and ``f`` times its spacing
-(see :func:`level_geometry`).
+(see :func:`regsam.embed.fused.level_geometry`).
 
 Building blocks are MONAI's :class:`~monai.networks.blocks.Convolution` and
 :class:`~monai.networks.blocks.ResidualUnit`. Normalisation is batch norm, so that in eval mode an
 embedding does not depend on the field of view or on how a scan is split into windows.
+
+This is the network that trains. Inference runs its folded, MONAI-free form
+(:class:`regsam.embed.fused.FusedEmbedder`, same values); :meth:`SAMEmbedder.embed_volume` goes through it.
 """
 
 from __future__ import annotations
@@ -28,17 +31,16 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
 from regsam.devices import resolve_device
+from regsam.embed.fused import LEAKY_SLOPE, fuse, level_geometry
 from regsam.embed.preprocess import DEFAULT_SPACING_MM, HU_WINDOW
+from regsam.embed.weights import DEFAULT_WEIGHTS, WEIGHTS_FORMAT, read_weights
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
 
-#: Where :func:`load_embedder` looks when no path is given.
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "sam_chest.pt"
+# re-exported: callers import the weights' location and the level geometry from here
+__all__ = ["DEFAULT_WEIGHTS", "SAMEmbedder", "count_parameters", "level_geometry", "load_embedder", "save_weights"]
 
-#: file-format version of :func:`save_weights`
-WEIGHTS_FORMAT = 1
-
-_ACT = ("leakyrelu", {"negative_slope": 0.1, "inplace": True})
+_ACT = ("leakyrelu", {"negative_slope": LEAKY_SLOPE, "inplace": True})
 
 
 class SAMEmbedder(nn.Module):
@@ -150,36 +152,17 @@ class SAMEmbedder(nn.Module):
         """Write this model's weights and architecture (+ the training ``config``) atomically; see :func:`save_weights`."""
         return save_weights(self, path, config)
 
-    def _fine_tail_linear(self) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
-        """The 1x1x1 layers after ``p1`` as (weight (Cin, Cout), bias, activation) with eval batch norm folded in."""
-        layers = []
-        for block in (self.fine_mix, self.fine_out):
-            conv = block.conv
-            w = conv.weight.reshape(conv.out_channels, conv.in_channels).t()
-            b = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=w.device)
-            act = False
-            adn = getattr(block, "adn", None)
-            if adn is not None and hasattr(adn, "N"):
-                bn = adn.N
-                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                w = w * scale[None, :]
-                b = (b - bn.running_mean) * scale + bn.bias
-            if adn is not None and hasattr(adn, "A"):
-                act = True
-            layers.append((w.contiguous(), b.contiguous(), act))
-        return layers
-
     @torch.inference_mode()
-    def embed_volume(self, x: torch.Tensor, fine_dtype: torch.dtype = torch.float16, slab: int = 8) -> dict[str, torch.Tensor]:
+    def embed_volume(self, x: torch.Tensor, fine_dtype: torch.dtype = torch.float16, rows: int = 65536) -> dict[str, torch.Tensor]:
         """Eval-mode forward for one large volume with bounded memory; same values as :meth:`forward`.
 
-        The encoder runs in channels-last layout; the fine head (all 1x1x1 after the last up-sampling) runs
-        slab by slab along D and writes straight into a ``fine_dtype`` output.
+        Runs :meth:`regsam.embed.fused.FusedEmbedder.embed_volume` on this network's current weights
+        (batch norm folded, encoder channels-last, the fine head ``rows`` voxels at a time).
 
         Args:
             x: (1, 1, D, H, W), D, H, W multiples of :attr:`stride`.
             fine_dtype: dtype of the returned fine embedding (float16 halves its memory).
-            slab: fine-level slices per slab.
+            rows: fine-level voxels per step of the fine head.
 
         Returns:
             ``{"fine": (1, Cf, D/2, H/2, W/2) fine_dtype, "coarse": (1, Cc, D/8, H/8, W/8) float32}``; both tensors
@@ -187,52 +170,7 @@ class SAMEmbedder(nn.Module):
         """
         if self.training:
             raise RuntimeError("embed_volume needs eval mode (call model.eval())")
-        if x.ndim != 5 or x.shape[0] != 1 or x.shape[1] != 1:
-            raise InputError(f"embed_volume expects a (1, 1, D, H, W) tensor, got shape {tuple(x.shape)}")
-        if any(int(s) % self.stride for s in x.shape[2:]):
-            raise InputError(f"embed_volume: spatial size {tuple(x.shape[2:])} is not a multiple of {self.stride}")
-        cl = torch.channels_last_3d
-        x = x.contiguous(memory_format=cl)
-        x1 = self.enc1(x)
-        x2 = self.enc2(x1)
-        x3 = self.enc3(x2)
-        x4 = self.context(self.enc4(x3))
-        p3 = self.lat3(x3) + self._up(self.lat4(x4), x3)
-        del x3, x4
-        coarse = F.normalize(self.coarse_out(self.coarse_block(p3)), dim=1).contiguous(memory_format=cl)
-        p2 = self.fine_block(self.lat2(x2) + self._up(self.top3(p3), x2))
-        del x2, p3
-        d2, h2, w2 = (int(s) for s in x1.shape[2:])
-        fine_cl = torch.empty((1, d2, h2, w2, self.fine_dim), dtype=fine_dtype, device=x.device)
-        lat_w = self.lat1.conv.weight.reshape(self.lat1.conv.out_channels, -1).t()
-        lat_b = self.lat1.conv.bias
-        tail = self._fine_tail_linear()
-        slope = _ACT[1]["negative_slope"]
-        step = max(2, int(slab) // 2 * 2)
-        for z0 in range(0, d2, step):
-            z1 = min(z0 + step, d2)
-            # trilinear x2 up-sampling of p2 for fine slices [z0, z1) from p2 slices [a, b) with a one-slice halo
-            a, b = max(z0 // 2 - 1, 0), min((z1 + 1) // 2 + 1, p2.shape[2])
-            up = F.interpolate(p2[:, :, a:b], size=(2 * (b - a), h2, w2), mode="trilinear", align_corners=False)
-            up = up[:, :, z0 - 2 * a : z1 - 2 * a].permute(0, 2, 3, 4, 1).reshape(-1, up.shape[1])
-            rows = x1[:, :, z0:z1].permute(0, 2, 3, 4, 1).reshape(-1, x1.shape[1])
-            h = torch.addmm(lat_b, rows, lat_w).add_(up)
-            for w, bias, act in tail:
-                h = torch.addmm(bias, h, w)
-                if act:
-                    h = F.leaky_relu(h, slope, inplace=True)
-            h = F.normalize(h, dim=1)
-            fine_cl[0, z0:z1] = h.reshape(z1 - z0, h2, w2, -1).to(fine_dtype)
-        return {"fine": fine_cl.permute(0, 4, 1, 2, 3), "coarse": coarse}
-
-
-def level_geometry(origin: Sequence[float], spacing: Sequence[float], direction: Sequence[float], factor: int) -> tuple:
-    """Origin, spacing, direction (mm, LPS) of an output level ``factor`` times coarser than the input grid.
-
-    Output voxel ``i`` is centred on input voxel ``factor * i`` (kernel-3, padding-1 strided convolutions),
-    so the origin and direction are unchanged and the spacing is multiplied by ``factor``.
-    """
-    return tuple(float(o) for o in origin), tuple(float(s) * factor for s in spacing), tuple(float(d) for d in direction)
+        return fuse(self).embed_volume(x, fine_dtype=fine_dtype, rows=rows)
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, config: dict | None = None, extra: dict | None = None) -> Path:
@@ -268,29 +206,13 @@ def load_embedder(path: str | os.PathLike | None = None, device: str | torch.dev
     Raises:
         InputError: the file is missing, unreadable or not regsam embedder weights.
     """
-    weights = Path(path) if path is not None else DEFAULT_WEIGHTS
-    if not weights.is_file():
-        if path is None:
-            raise InputError(
-                f"no default embedder weights at {weights}; train them with "
-                "'python -m regsam.embed.train --config regsam/configs/embedder/sam_chest.yaml --out runs/sam_chest' "
-                "or pass a weights file"
-            )
-        raise InputError(f"embedder weights not found: {weights}")
+    weights = read_weights(path)
+    model = SAMEmbedder(**weights.model_config)
     try:
-        payload = torch.load(weights, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
-        raise InputError(f"{weights}: not a readable torch file ({type(exc).__name__}: {str(exc)[:120]})") from None
-    if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:
-        raise InputError(f"{weights}: not regsam embedder weights (no state_dict/model_config)")
-    model = SAMEmbedder(**payload["model_config"])
-    try:
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(weights.state_dict)
     except RuntimeError as exc:
-        raise InputError(f"{weights}: weights do not fit the stored architecture ({str(exc).splitlines()[0][:160]})") from None
-    crops = (payload.get("config") or {}).get("crops") or {}
-    model.spacing_mm = float(crops.get("base_spacing_mm", DEFAULT_SPACING_MM))
-    model.hu_window = tuple(float(v) for v in crops.get("hu_window", HU_WINDOW))  # type: ignore[assignment]
+        raise InputError(f"{weights.path}: weights do not fit the stored architecture ({str(exc).splitlines()[0][:160]})") from None
+    model.spacing_mm, model.hu_window = weights.spacing_mm, weights.hu_window
     model.eval()
     return model.to(resolve_device(device))
 

@@ -145,6 +145,29 @@ def test_inline_bad_options(files, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped embedder weights absent")
+def test_embed_needs_no_monai_and_gives_the_networks_embedding(files, tmp_path):
+    """``regsam embed`` as a user runs it imports neither MONAI (2-4 s) nor itk-elastix or matplotlib, and writes
+    what the MONAI network computes over the whole scan."""
+    out = tmp_path / "e.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "regsam.cli", "embed", str(files["template"]), "--out", str(out),
+                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and not imported & {"monai", "itk", "matplotlib"}, sorted(imported)
+    from regsam.embed.model import load_embedder
+    from regsam.embed.preprocess import preprocess
+
+    model = load_embedder(device="cpu")
+    tensor, _ = preprocess(read_image(files["template"]), model.spacing_mm, stride=model.stride, min_size=model.min_input_size)
+    with torch.inference_mode():
+        reference = model(tensor)
+    emb = load_embedding(out)
+    np.testing.assert_allclose(emb.fine.astype(np.float32), reference["fine"][0].numpy(), atol=2e-3)
+    np.testing.assert_allclose(emb.coarse, reference["coarse"][0].numpy(), atol=1e-4)
+
+
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped embedder weights absent")
 def test_embed_rejects_an_image_below_the_minimum_size(files, tmp_path):
     out = tmp_path / "e.npz"
     assert_input_error(regsam("embed", str(files["small"]), "--out", str(out), "--device", "cpu"), "the embedder needs at least 64 mm", out)

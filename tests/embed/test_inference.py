@@ -7,8 +7,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from regsam.embed.inference import embed_image, load_embedding, save_embedding
-from regsam.embed.model import SAMEmbedder
+from regsam.embed.fused import load_fused
+from regsam.embed.inference import MAX_WINDOW_VOXELS, choose_windows, embed_image, load_embedding, save_embedding
+from regsam.embed.model import SAMEmbedder, save_weights
+from regsam.embed.preprocess import preprocess
 from regsam.errors import InputError
 from regsam.io.images import read_image
 
@@ -58,6 +60,29 @@ def test_windows_cover_the_volume(tiny_model, crop):
     # away from window seams the tiles agree closely with the single pass
     agree = (whole.fine.astype(np.float32) * tiled.fine.astype(np.float32)).sum(axis=0)
     assert np.median(agree) > 0.9
+
+
+def test_fast_path_equals_the_network(tiny_model, crop, tmp_path):
+    """What ``regsam embed`` runs (weights read without MONAI, batch norm folded, the scan in one window) gives the
+    MONAI network's own forward pass over the whole scan, up to float16 storage."""
+    weights = save_weights(tiny_model, tmp_path / "w.pt", {"crops": {"base_spacing_mm": 3.0}})
+    fast = embed_image(load_fused(weights, device="cpu"), crop, device="cpu")
+    tensor, _ = preprocess(crop, 3.0, stride=tiny_model.stride, min_size=tiny_model.min_input_size)
+    with torch.inference_mode():
+        reference = tiny_model(tensor)
+    assert fast.spacing_mm == 3.0 and fast.fine.shape == tuple(reference["fine"].shape[1:])
+    np.testing.assert_allclose(fast.fine.astype(np.float32), reference["fine"][0].numpy(), atol=1e-3)
+    np.testing.assert_allclose(fast.coarse, reference["coarse"][0].numpy(), atol=1e-5)
+    # the network itself is folded the same way
+    np.testing.assert_array_equal(embed_image(tiny_model, crop, spacing_mm=3.0, device="cpu").fine, fast.fine)
+
+
+def test_default_window_is_the_whole_scan_up_to_a_budget():
+    assert choose_windows([144, 208, 208], 16, 64) == [144, 208, 208]  # a whole chest at 2 mm: one pass
+    assert choose_windows([448, 256, 256], 16, 64) == [256, 256, 256]  # a long scan is cut along its long axis only
+    for dims in ([320, 320, 320], [640, 96, 512], [96, 96, 4000]):
+        window = choose_windows(dims, 16, 64)
+        assert np.prod(window) <= MAX_WINDOW_VOXELS and all(w % 16 == 0 and 80 <= w <= d for w, d in zip(window, dims))
 
 
 def test_embedding_file_round_trip(tiny_model, crop, tmp_path):

@@ -7,8 +7,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from regsam.embed.fused import FusedEmbedder, load_fused
 from regsam.embed.model import DEFAULT_WEIGHTS, SAMEmbedder, count_parameters, load_embedder, save_weights
-from regsam.embed.preprocess import normalize_hu, preprocess, valid_size
+from regsam.embed.preprocess import HU_WINDOW, normalize_hu, preprocess, valid_size
 from regsam.errors import InputError
 
 
@@ -39,9 +40,25 @@ def test_embed_volume_matches_forward():
     x = torch.randn(1, 1, 48, 32, 64)
     with torch.inference_mode():
         full = model(x)
-        slab = model.embed_volume(x, fine_dtype=torch.float32, slab=6)
+        slab = model.embed_volume(x, fine_dtype=torch.float32, rows=1000)
     assert torch.allclose(full["fine"], slab["fine"], atol=1e-5)
     assert torch.allclose(full["coarse"], slab["coarse"], atol=1e-5)
+
+
+def test_fused_weights_must_fit_the_network(tmp_path):
+    model = SAMEmbedder(channels=(8, 16, 16, 16), fine_dim=16, coarse_dim=16, coarse_head_channels=16, fine_head_channels=8)
+    state = model.state_dict()
+    with pytest.raises(InputError, match="lack the layer lat2.conv.weight"):
+        FusedEmbedder({k: v for k, v in state.items() if not k.startswith("lat2.")}, model.config, 2.0, HU_WINDOW)
+    with pytest.raises(InputError, match="layers this network does not have"):
+        FusedEmbedder({**state, "head.conv.weight": torch.zeros(1)}, model.config, 2.0, HU_WINDOW)
+    narrow = {**state, "fine_mix.conv.weight": state["fine_mix.conv.weight"][:, :4]}
+    with pytest.raises(InputError, match="fine_mix has 4 channels where 8 arrive"):
+        FusedEmbedder(narrow, model.config, 2.0, HU_WINDOW)
+    path = tmp_path / "w.pt"
+    torch.save({"format": 1, "model_config": model.config, "state_dict": narrow}, path)
+    with pytest.raises(InputError, match=f"{path}: embedder weights do not fit"):
+        load_fused(path, device="cpu")
 
 
 def test_forward_rejects_sizes_off_the_stride():
