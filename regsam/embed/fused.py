@@ -6,7 +6,7 @@ compare them), from the same state dict, for one large volume at a time with bou
 
 * every ``Convolution`` (conv, batch norm, leaky ReLU) becomes one convolution with folded weights and an
   in-place activation, and a ``ResidualUnit`` two of them plus its residual path;
-* the encoder runs channels-last;
+* every layer runs channels-last (the weights are stored so);
 * the fine head (all 1x1x1 after the last up-sampling) runs slab by slab along D as matrix products and
   writes straight into a ``fine_dtype`` output, so the (Cf, D/2, H/2, W/2) float32 map never exists.
 
@@ -100,13 +100,13 @@ class _StateReader:
             scale = gamma / torch.sqrt(var + BN_EPS)
             weight = weight * scale.reshape(-1, 1, 1, 1, 1)
             bias = (bias - mean) * scale + beta
-        return _Conv(weight.contiguous(), bias.contiguous(), stride, dilation, act)
+        return _Conv(_channels_last(weight), bias.contiguous(), stride, dilation, act)
 
     def residual(self, prefix: str, stride: int = 1, dilation: int = 1) -> _Residual:
         units = [self.conv(f"{prefix}.conv.unit0", stride, dilation), self.conv(f"{prefix}.conv.unit1", 1, dilation)]
         skip = None
         if f"{prefix}.residual.weight" in self.state:
-            skip = _Conv(self._take(f"{prefix}.residual.weight"), self._take(f"{prefix}.residual.bias"), stride)
+            skip = _Conv(_channels_last(self._take(f"{prefix}.residual.weight")), self._take(f"{prefix}.residual.bias"), stride)
         return _Residual(units, skip)
 
     def unused(self) -> list[str]:
@@ -248,14 +248,19 @@ class FusedEmbedder:
         up = up.contiguous(memory_format=torch.channels_last_3d).permute(0, 2, 3, 4, 1).reshape(-1, up.shape[1])
         low = x1.contiguous(memory_format=torch.channels_last_3d).permute(0, 2, 3, 4, 1).reshape(-1, x1.shape[1])
         (lat_w, lat_b, _), *tail = [(*c.matrix(), c.act) for c in self.fine_tail]
-        for r0 in range(0, fine.shape[0], max(1, int(rows))):
-            r1 = min(r0 + max(1, int(rows)), fine.shape[0])
-            h = torch.addmm(lat_b, low[r0:r1], lat_w).add_(up[r0:r1])
-            for w, bias, act in tail:
-                h = torch.addmm(bias, h, w)
+        step = max(1, min(int(rows), fine.shape[0]))
+        # buffers reused for every block: fresh large tensors would cost a page fault per 4 kB on every block
+        buffers = [torch.empty((step, int(w.shape[1])), device=x1.device) for w in (lat_w, *(w for w, _, _ in tail))]
+        norm = torch.empty((step, 1), device=x1.device)
+        for r0 in range(0, fine.shape[0], step):
+            n = min(step, fine.shape[0] - r0)
+            h = torch.addmm(lat_b, low[r0 : r0 + n], lat_w, out=buffers[0][:n]).add_(up[r0 : r0 + n])
+            for (w, bias, act), out in zip(tail, buffers[1:]):
+                h = torch.addmm(bias, h, w, out=out[:n])
                 if act:
                     F.leaky_relu_(h, LEAKY_SLOPE)
-            fine[r0:r1].copy_(h.div_(torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min_(1e-12)))
+            scale = torch.linalg.vector_norm(h, dim=1, keepdim=True, out=norm[:n]).clamp_min_(1e-12)
+            fine[r0 : r0 + n].copy_(h.div_(scale))
         return fine.reshape(1, d2, h2, w2, self.fine_dim).permute(0, 4, 1, 2, 3)
 
 
@@ -266,6 +271,12 @@ def level_geometry(origin: Sequence[float], spacing: Sequence[float], direction:
     so the origin and direction are unchanged and the spacing is multiplied by ``factor``.
     """
     return tuple(float(o) for o in origin), tuple(float(s) * factor for s in spacing), tuple(float(d) for d in direction)
+
+
+def _channels_last(weight: torch.Tensor) -> torch.Tensor:
+    # a convolution's output takes its weight's layout when the input's is ambiguous (one channel), so channels-last
+    # weights keep the whole network channels-last: ~25 % faster than channels-first with oneDNN on CPU
+    return weight.contiguous(memory_format=torch.channels_last_3d)
 
 
 def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
