@@ -55,6 +55,13 @@ def voxel_world_points(grid: sitk.Image) -> np.ndarray:
     return index_to_world(grid, np.stack([ii, jj, kk], axis=-1))
 
 
+def bin_shrink(image: sitk.Image, spacing) -> sitk.Image:
+    """Average whole blocks of voxels up to ``spacing`` (x, y, z mm): a cheap first step of anti-aliasing a
+    sub-millimetre CT (a 0.7 mm full thorax: ~0.3 s instead of seconds of Gaussian smoothing at full resolution)."""
+    factors = [max(1, int(target // own)) for target, own in zip(spacing, image.GetSpacing())]
+    return sitk.BinShrink(image, factors) if max(factors) > 1 else image
+
+
 def antialias(image: sitk.Image, spacing: np.ndarray) -> sitk.Image:
     """Gaussian pre-smoothing (mm) before sampling ``image`` at a coarser ``spacing`` (x, y, z mm)."""
     own = np.array(image.GetSpacing())

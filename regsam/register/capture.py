@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from regsam.errors import InputError
+from regsam.io.geometry import antialias, bin_shrink
 from regsam.io.transforms import TransformLike, as_transform
 from regsam.register import torch_fields as tf
 from regsam.register.deformable import HU_RANGE, mind_ssc
@@ -81,12 +82,12 @@ class CaptureSettings:
             raise InputError("capture settings: weight_sam must be >= 0 and coupling non-empty")
 
 
-def _normalised(image: sitk.Image) -> sitk.Image:
+def normalised_ct(image: sitk.Image) -> sitk.Image:
     lo, hi = HU_RANGE
     return (sitk.Clamp(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkFloat32, lo, hi) - lo) / (hi - lo)
 
 
-def _box_grid(fixed: sitk.Image, lungs: sitk.Image | None, spacing: float, margin_mm: float) -> sitk.Image:
+def box_grid(fixed: sitk.Image, lungs: sitk.Image | None, spacing: float, margin_mm: float) -> sitk.Image:
     """An axis-aligned grid of ``spacing`` mm over the lungs' bounding box plus ``margin_mm`` (clipped to the image)."""
     size = np.array(fixed.GetSize())
     lo, hi = np.zeros(3), size - 1.0
@@ -107,20 +108,46 @@ def _box_grid(fixed: sitk.Image, lungs: sitk.Image | None, spacing: float, margi
     return tf.empty_like_grid(n, origin, extent / (n - 1), fixed.GetDirection())
 
 
+def _seen_region(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, margin_mm: float) -> sitk.Image:
+    """The part of ``image`` that ``grid`` sees through a linear ``transform`` (grid corners mapped, plus a margin).
+
+    Smoothing a full-resolution CT costs seconds; the lungs' box through an affine is a fraction of it.
+    """
+    if not transform.IsLinear():
+        return image
+    size = np.array(grid.GetSize())
+    corners = [grid.TransformIndexToPhysicalPoint([int(a), int(b), int(c)])
+               for a in (0, size[0] - 1) for b in (0, size[1] - 1) for c in (0, size[2] - 1)]
+    index = np.array([image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(p)) for p in corners])
+    margin = margin_mm / np.array(image.GetSpacing())
+    lo = np.clip(np.floor(index.min(axis=0) - margin), 0, np.array(image.GetSize()) - 1).astype(int)
+    hi = np.clip(np.ceil(index.max(axis=0) + margin), 0, np.array(image.GetSize()) - 1).astype(int)
+    return sitk.RegionOfInterest(image, (hi - lo + 1).tolist(), lo.tolist())
+
+
+def mind_on_grid(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, radius: int, dilation: int,
+                 dev: torch.device) -> torch.Tensor:
+    """MIND-SSC (1, 12, D, H, W) on ``grid`` of a CT (HU; normalised by :func:`normalised_ct`) seen through
+    ``transform`` (grid -> image).
+
+    Only the region the grid sees is read; where ``grid`` is coarser than the image it is block-averaged and
+    Gaussian-smoothed first (anti-aliasing).
+    """
+    spacing = np.array(grid.GetSpacing())
+    region = _seen_region(image, grid, transform, 3.0 * float(spacing.max()))
+    # block averages up to half the grid spacing leave the Gaussian most of the work (whole blocks up to the full
+    # spacing: 0.43 -> 0.48 mm on a 2 mm pair), yet make a 0.7 mm scan 8x smaller before it
+    smooth = antialias(bin_shrink(normalised_ct(region), spacing / 2.0), spacing)
+    on = sitk.Resample(smooth, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return mind_ssc(tf.image_to_tensor(on, dev), radius, dilation)
+
+
 def _level_features(
-    fixed_n, moving_n, grid, t0, sam, use_sam: bool, cfg: CaptureSettings, dev
+    fixed, moving, grid, t0, sam, use_sam: bool, cfg: CaptureSettings, dev
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, C, D, H, W) fixed and moving (through ``t0``) features on ``grid``: MIND-SSC [+ weighted SAM]."""
-    spacing = np.array(grid.GetSpacing())
-    feats = []
-    for image, transform in ((fixed_n, sitk.Transform()), (moving_n, t0)):
-        own = np.array(image.GetSpacing())
-        sigma = 0.5 * np.sqrt(np.maximum(spacing**2 - own**2, 0.0))
-        smooth = image
-        if np.any(sigma > 0.3 * own):
-            smooth = sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
-        on = sitk.Resample(smooth, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        feats.append(mind_ssc(tf.image_to_tensor(on, dev), cfg.mind_radius, cfg.mind_dilation))
+    feats = [mind_on_grid(image, grid, transform, cfg.mind_radius, cfg.mind_dilation, dev)
+             for image, transform in ((fixed, sitk.Transform()), (moving, t0))]
     if use_sam and sam is not None:
         (ff, f_geo), (mf, m_geo) = sam
         scale = float(np.sqrt(cfg.weight_sam))
@@ -255,17 +282,16 @@ def capture_motion(
     cfg = settings or CaptureSettings()
     dev = torch.device(device)
     t0 = sitk.Transform() if initial is None else as_transform(initial)
-    fixed_n, moving_n = _normalised(fixed), _normalised(moving)
     info: dict = {"settings": asdict(cfg), "levels": []}
     residual_mm = None  # (1, 3, D, H, W) local mm on the previous level grid
     grid = None
     t_unfold_rounds: list[int] = []
     for level, spacing in enumerate(cfg.feature_spacing_mm):
         t_level = time.perf_counter()
-        grid = _box_grid(fixed, lungs, spacing, cfg.box_margin_mm)
+        grid = box_grid(fixed, lungs, spacing, cfg.box_margin_mm)
         vox = tf.spacing_zyx(grid, dev)
         use_sam = level < cfg.sam_levels
-        fixed_f, moving_f = _level_features(fixed_n, moving_n, grid, t0, sam_features, use_sam, cfg, dev)
+        fixed_f, moving_f = _level_features(fixed, moving, grid, t0, sam_features, use_sam, cfg, dev)
         t_features = time.perf_counter() - t_level
         start_vox = None
         if residual_mm is not None:
@@ -307,4 +333,4 @@ def capture_motion(
     return tf.local_mm_to_field(residual_mm, grid), info
 
 
-__all__ = ["CaptureSettings", "capture_motion"]
+__all__ = ["CaptureSettings", "box_grid", "capture_motion", "mind_on_grid", "normalised_ct"]

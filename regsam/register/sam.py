@@ -1,4 +1,4 @@
-"""``--method sam``: SAM correspondences -> robust affine -> large-motion capture -> deformable refinement.
+"""``--method sam``: SAM correspondences -> robust affine -> large-motion capture -> finish -> deformable refinement.
 
 Each stage is a :class:`Stage` object in this module, reads and writes one :class:`SamState`, and can be
 switched off (``stages``; a preset names its default stages):
@@ -11,9 +11,12 @@ switched off (``stages``; a preset names its default stages):
 3. **capture** (:mod:`regsam.register.capture`): coarse-to-fine discrete displacement search over MIND-SSC
    and SAM features with a convex coupling that lets the lungs slide: carries the 20-40 mm of a breathing
    lung base that the smooth fit and a few gradient steps cannot.
-4. **network** (``--method sam-net`` only; :mod:`regsam.register.net.stage`): one pass of the trained
+4. **finish** (:mod:`regsam.register.finish`): a few Adam steps on MIND-SSC at sample points of the body near
+   the lungs add a smooth correction (one inside the lungs, one outside) to the capture residual: the capture's
+   2 mm candidate step becomes continuous, without any full-resolution work.
+5. **network** (``--method sam-net`` only; :mod:`regsam.register.net.stage`): one pass of the trained
    registration network on the pair after the affine gives the residual (in place of the capture).
-5. **deformable** (:mod:`regsam.register.deformable`): per-pair optimisation of LNCC + bending energy,
+6. **deformable** (:mod:`regsam.register.deformable`): per-pair optimisation of LNCC + bending energy,
    started from the capture residual, one smooth field inside the lungs and one outside (sliding), steps
    stopped on convergence.
 
@@ -45,6 +48,7 @@ from regsam.io.transforms import transform_to_field, warp_image
 from regsam.register.capture import CaptureSettings, capture_motion
 from regsam.register.deformable import refine_deformable
 from regsam.register.embedding_pca import shared_pca_features
+from regsam.register.finish import FinishSettings, finish_motion
 from regsam.register.net.model import network_weights_file
 from regsam.register.net.stage import NetworkStage
 from regsam.register.presets import choose_preset
@@ -52,8 +56,8 @@ from regsam.register.result import RegistrationResult
 from regsam.register.stages import Stage, timed
 
 #: every stage in run order; ``sam`` takes :data:`SAM_STAGES`, ``sam-net`` :data:`NET_STAGES`
-STAGES = ("affine", "coarse", "capture", "network", "deformable")
-SAM_STAGES = ("affine", "coarse", "capture", "deformable")
+STAGES = ("affine", "coarse", "capture", "finish", "network", "deformable")
+SAM_STAGES = ("affine", "coarse", "capture", "finish", "deformable")
 NET_STAGES = ("affine", "network", "deformable")
 
 
@@ -65,6 +69,7 @@ class SamPreset(MatchSettings):
     coarse_smoothing_mm: float = 20.0
     coarse_grid_mm: float = 24.0
     capture: CaptureSettings = field(default_factory=CaptureSettings)
+    finish: FinishSettings = field(default_factory=FinishSettings)
     sliding: bool = True  # lungs slide along the chest wall in the capture coupling and the deformable stage
     mask_spacing_mm: float = 2.0  # the automatic masks are computed on a copy of at most this spacing
     lung_margin_mm: float = 20.0  # the deformable similarity covers the body within this distance of the lungs
@@ -89,8 +94,8 @@ _DEFORMABLE_CAPTURED: dict[str, Any] = {
     "weight_smooth": 0.005, "tolerance": 0.002, "lr": 0.03,
 }
 PRESETS: dict[str, SamPreset] = {
-    "fast": SamPreset(stages=("affine", "capture"), deformable_overrides=_DEFORMABLE_CAPTURED),
-    "accurate": SamPreset(stages=("affine", "capture", "deformable"), deformable_overrides=_DEFORMABLE_CAPTURED),
+    "fast": SamPreset(stages=("affine", "capture", "finish"), deformable_overrides=_DEFORMABLE_CAPTURED),
+    "accurate": SamPreset(stages=("affine", "capture", "finish", "deformable"), deformable_overrides=_DEFORMABLE_CAPTURED),
 }
 DEFAULT_PRESET = "fast"
 #: ``--method sam-net``: the network replaces the capture; ``fast`` finishes with the deformable stage started
@@ -209,6 +214,18 @@ class CaptureStage:
         state.extras["capture"] = {"levels": info["levels"], "sliding": state.cfg.sliding and state.lungs is not None}
 
 
+class FinishStage:
+    name = "finish"
+
+    def run(self, state: SamState) -> None:
+        state.residual, info = finish_motion(
+            state.fixed, state.moving, state.start, state.residual, lungs=state.lungs,
+            similarity_mask=state.similarity_mask, sliding=state.cfg.sliding, settings=state.cfg.finish, device=state.device,
+        )
+        state.extras["finish"] = {k: info[k] for k in ("grid_size", "spacing_mm", "points", "iterations", "loss_first",
+                                                       "loss_last", "mean_correction_mm", "seconds")}
+
+
 class DeformableStage:
     name = "deformable"
 
@@ -228,7 +245,7 @@ class DeformableStage:
                                       "sliding": result.info["sliding"]}
 
 
-STAGE_OBJECTS: dict[str, Stage] = {stage.name: stage for stage in (AffineStage(), CoarseStage(), CaptureStage(), NetworkStage(), DeformableStage())}
+STAGE_OBJECTS: dict[str, Stage] = {stage.name: stage for stage in (AffineStage(), CoarseStage(), CaptureStage(), FinishStage(), NetworkStage(), DeformableStage())}
 
 
 def _ensure_matches(state: SamState) -> Correspondences:
