@@ -49,7 +49,7 @@ class FinishSettings:
     max_points: int = 50_000
     control_ratio: int = 2
     iterations: int = 40
-    lr: float = 0.03
+    lr: float = 0.06
     weight_smooth: float = 4.0
     tolerance: float = 0.002
     mind_radius: int = 1
