@@ -127,7 +127,7 @@ def test_sam_bad_input_is_one_line_exit_2(chest_crop_path, tmp_path):
 
 @pytest.mark.slow
 def test_register_sam_end_to_end_without_masks(held_out_ct):
-    """The whole fast preset (affine + capture) through the public API, no masks given: the automatic lung mask
+    """The whole fast preset (affine + capture + finish) through the public API, no masks given: the automatic lung mask
     bounds the search and is the sliding surface; the result beats the smooth coarse fit of the matches on a
     simulated breathing pair and does not fold."""
     from regsam.data.simulate import SimulationConfig, simulate_case
@@ -141,7 +141,8 @@ def test_register_sam_end_to_end_without_masks(held_out_ct):
     final_tre = float(np.linalg.norm(result.map_points(pair.fixed_points) - pair.moving_points, axis=1).mean())
     assert initial > 3.0 and final_tre < coarse_tre < initial, (initial, coarse_tre, final_tre)
     assert final_tre < 1.0
-    assert result.extras["stages"] == ["affine", "capture"] and result.extras["masks"]["lungs"] == "automatic"
+    assert result.extras["stages"] == ["affine", "capture", "finish"] and result.extras["masks"]["lungs"] == "automatic"
+    assert 0 < result.extras["finish"]["iterations"] <= 40 and result.extras["finish"]["points"] > 0
     assert result.extras["capture"]["sliding"] is True
     assert folding_share(result.displacement) == 0.0
     assert "correspondences.csv" in result.artifacts and result.affine is not None
