@@ -188,10 +188,10 @@ METHODS: dict[str, MethodSpec] = {
             uses_masks=frozenset({"fixed"}),
             summary="SAM affine, then one pass of a registration network trained with SAM embedding guidance "
             "(voxelmorph U-Net, diffeomorphic, 4 mm; `regsam train-deformable`, weights "
-            "`regsam/weights/sam_net_chest.pt`); `fast` finishes with the deformable stage started from the "
-            "network's field (instance optimisation), `instant` stops after the network",
+            "`regsam/weights/sam_net_chest.pt`); `fast` finishes the network's field with the MIND-SSC finish "
+            "stage of `sam` (instance optimisation), `instant` stops after the network",
             preset_table="regsam.register.sam:NET_PRESETS",
-            mask_note="lungs: the sliding surface and the similarity's region of the deformable finish",
+            mask_note="lungs: the sliding surface and the similarity's region of the finish",
         ),
         MethodSpec(
             name="elastix",

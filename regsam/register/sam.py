@@ -56,9 +56,9 @@ from regsam.register.result import RegistrationResult
 from regsam.register.stages import Stage, timed
 
 #: every stage in run order; ``sam`` takes :data:`SAM_STAGES`, ``sam-net`` :data:`NET_STAGES`
-STAGES = ("affine", "coarse", "capture", "finish", "network", "deformable")
+STAGES = ("affine", "coarse", "capture", "network", "finish", "deformable")
 SAM_STAGES = ("affine", "coarse", "capture", "finish", "deformable")
-NET_STAGES = ("affine", "network", "deformable")
+NET_STAGES = ("affine", "network", "finish", "deformable")
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,10 @@ PRESETS: dict[str, SamPreset] = {
     "accurate": SamPreset(stages=("affine", "capture", "finish", "deformable"), deformable_overrides=_DEFORMABLE_CAPTURED),
 }
 DEFAULT_PRESET = "fast"
-#: ``--method sam-net``: the network replaces the capture; ``fast`` finishes with the deformable stage started
-#: from the network's residual (instance optimisation), ``instant`` stops after the network pass.
+#: ``--method sam-net``: the network replaces the capture; ``fast`` finishes the network's residual with the same
+#: instance optimisation as ``sam``'s ``fast`` (the MIND-SSC finish stage), ``instant`` stops after the network pass.
 NET_PRESETS: dict[str, SamPreset] = {
-    "fast": SamPreset(stages=("affine", "network", "deformable"), deformable_overrides=_DEFORMABLE_CAPTURED),
+    "fast": SamPreset(stages=("affine", "network", "finish"), deformable_overrides=_DEFORMABLE_CAPTURED),
     "instant": SamPreset(stages=("affine", "network"), deformable_overrides=_DEFORMABLE_CAPTURED),
 }
 #: method name -> (preset table, stages it takes)

@@ -27,7 +27,7 @@ def test_sam_net_presets_write_the_usual_outputs(shared_data, tmp_path, preset, 
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "sam-net" and summary["preset"] == preset
-    stages = ["affine", "network"] + (["deformable"] if preset == "fast" else [])
+    stages = ["affine", "network"] + (["finish"] if preset == "fast" else [])
     assert all(s in summary["timings"] for s in stages), summary["timings"]
     assert {p.name for p in out.iterdir()} >= {"disp.nii.gz", "warped.nii.gz", "affine.tfm", "summary.json"}
     field = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "disp.nii.gz")))
