@@ -265,7 +265,7 @@ def _mask_box(mask: torch.Tensor | None, margin_zyx: list[int]) -> tuple[slice, 
     return tuple(box)
 
 
-def _mask_on(mask: sitk.Image | None, grid: sitk.Image, device: torch.device) -> torch.Tensor | None:
+def mask_on(mask: sitk.Image | None, grid: sitk.Image, device: torch.device) -> torch.Tensor | None:
     if mask is None:
         return None
     on = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
@@ -287,7 +287,7 @@ def _level_inputs(fixed, moving, grids, t0, cfg, fixed_mask, dev) -> list[dict]:
         if cfg["similarity"] == "mind":
             f_img = mind_ssc(f_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
             m_img = mind_ssc(m_img, int(cfg["mind_radius"]), int(cfg["mind_dilation"]))
-        mask = _mask_on(fixed_mask, grid, dev)
+        mask = mask_on(fixed_mask, grid, dev)
         box = _mask_box(mask, [int(np.ceil(MASK_MARGIN_MM / s)) for s in spacing[::-1]])
         crop = (slice(None), slice(None), *box)
         level_data.append({"grid": grid, "box": crop, "fixed": f_img[crop], "moving": m_img[crop],
@@ -309,10 +309,10 @@ def _feature_inputs(fixed, moving, t0, has_initial, features, geometries, base, 
     fgrid = tf.corner_aligned_grid(fixed, feat_spacing)
     f_on = tf.sample_world(ff, f_geo, fgrid).to(dev)
     m_on = tf.sample_world(mf, m_geo, fgrid, transform=t0 if has_initial else None).to(dev)
-    return {"grid": fgrid, "fixed": _unit(f_on[None]), "moving": m_on[None], "mask": _mask_on(fixed_mask, fgrid, dev)}
+    return {"grid": fgrid, "fixed": _unit(f_on[None]), "moving": m_on[None], "mask": mask_on(fixed_mask, fgrid, dev)}
 
 
-class _Parametrisation:
+class FieldParametrisation:
     """theta (on its control grid, voxels of the level) -> the residual's voxel DDF on a level grid.
 
     Without sliding theta has 3 channels. With a sliding mask it has 6: one smooth field inside the
@@ -365,7 +365,7 @@ def _start(prev_mm: torch.Tensor | None, initial_residual, grid, control_shape, 
     return start.repeat(1, param.channels // 3, 1, 1, 1)
 
 
-def _optimise_level(data, theta, param, cfg, losses_fn, steps: int) -> tuple[list[float], int]:
+def optimise_level(data, theta, param, cfg, losses_fn, steps: int) -> tuple[list[float], int]:
     """Adam on theta for at most ``steps``; stops early once the loss improves less than ``tolerance`` per 10 steps."""
     optimizer = _Adam(theta, lr=float(cfg["lr"]))
     tolerance = cfg["tolerance"]
@@ -413,7 +413,7 @@ def _level_loss(data, feat, use_embed: bool, cfg, regulariser, lncc, warp, warp_
 def _optimise_levels(fixed, level_data, feat, cfg, base, initial_residual, sliding_mask, dev):
     """Adam on every level, coarse to fine, each started from the previous level's smooth field(s).
 
-    Returns (theta of the finest level, its :class:`_Parametrisation`, the image warp, per-level history).
+    Returns (theta of the finest level, its :class:`FieldParametrisation`, the image warp, per-level history).
     """
     from monai.losses import BendingEnergyLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
@@ -422,7 +422,7 @@ def _optimise_levels(fixed, level_data, feat, cfg, base, initial_residual, slidi
     warp_features = tf.make_warp(padding_mode="border")  # Warp caches its grid per shape: one per grid
     lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=int(cfg["lncc_kernel"]), reduction="none").to(dev)
     regulariser = (BendingEnergyLoss if cfg["regulariser"] == "bending" else DiffusionLoss)(normalize=True)
-    param = _Parametrisation(cfg, sliding_mask, dev)
+    param = FieldParametrisation(cfg, sliding_mask, dev)
     history = []
     theta, prev_mm = None, None
     for lvl, data in enumerate(level_data):
@@ -434,7 +434,7 @@ def _optimise_levels(fixed, level_data, feat, cfg, base, initial_residual, slidi
         theta = _start(prev_mm, initial_residual, grid, control_shape, param, dev).clone().requires_grad_(True)
         use_embed = feat is not None and lvl < cfg["embed_levels"]
         loss_fn = _level_loss(data, feat, use_embed, cfg, regulariser, lncc, warp, warp_features, dev)
-        losses, steps = _optimise_level(data, theta, param, cfg, loss_fn, cfg["iterations"][lvl])
+        losses, steps = optimise_level(data, theta, param, cfg, loss_fn, cfg["iterations"][lvl])
         with torch.no_grad():  # carry the smooth field(s) (the velocity when diffeomorphic) to the next level, in mm
             prev_mm = param.smooth(theta).detach() * tf.spacing_zyx(grid, dev).repeat(1, param.channels // 3, 1, 1, 1)
         history.append({"spacing_mm": [float(s) for s in grid.GetSpacing()], "size": list(grid.GetSize()),
@@ -532,7 +532,7 @@ def refine_deformable(
         initial_residual: optional start of the residual ``r`` (world displacement image, mm, any grid), e.g.
             from :func:`regsam.register.capture.capture_motion`; zeros otherwise.
         sliding_mask: optional fixed-image mask (lungs) across which the residual may slide (see
-            :class:`_Parametrisation`).
+            :class:`FieldParametrisation`).
         device: ``'cpu'`` or ``'cuda'``.
         seed: torch seed (the optimisation is deterministic on CPU).
         max_fold_repairs: Gaussian smoothing rounds tried when the result folds: first of the residual

@@ -9,7 +9,7 @@ error on small motion. This stage adds a smooth correction ``c`` to the capture 
 found by Adam on the mean squared difference of MIND-SSC descriptors (computed once per image, on one grid over
 the lungs' box: :func:`regsam.register.capture.mind_on_grid`), weighted by the similarity mask (body within a
 margin of the lungs), plus a diffusion penalty on ``c``. With a sliding mask ``c`` is two fields, one inside the
-lungs and one outside, each regularised on its own (:class:`regsam.register.deformable._Parametrisation`); the
+lungs and one outside, each regularised on its own (:class:`regsam.register.deformable.FieldParametrisation`); the
 capture residual keeps its own sliding seam since ``c`` is added to it. Nothing in the loop touches the full-
 resolution image: the grid's spacing grows until it holds at most ``max_voxels``, ``c`` lives on a control grid
 ``control_ratio`` times coarser, and the steps stop once the loss stops improving.
@@ -29,7 +29,7 @@ from regsam.errors import InputError
 from regsam.io.transforms import TransformLike, as_transform, check_displacement_field
 from regsam.register import torch_fields as tf
 from regsam.register.capture import box_grid, mind_on_grid
-from regsam.register.deformable import _mask_on, _optimise_level, _Parametrisation
+from regsam.register.deformable import FieldParametrisation, mask_on, optimise_level
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,12 @@ def _capped_grid(fixed: sitk.Image, lungs: sitk.Image | None, cfg: FinishSetting
 
 class _PointSampler:
     """The similarity's sample points (voxels of ``grid`` inside the mask, at most ``max_points``, evenly strided) and
-    the correction there: stands in for :class:`~regsam.register.deformable._Parametrisation` in its optimiser, so a
+    the correction there: stands in for :class:`~regsam.register.deformable.FieldParametrisation` in its optimiser, so a
     step costs O(points) instead of O(grid)."""
 
     def __init__(self, grid: sitk.Image, mask: sitk.Image | None, param, max_points: int, dev: torch.device):
         shape = tf.grid_shape(grid)
-        inside = _mask_on(mask, grid, dev)
+        inside = mask_on(mask, grid, dev)
         everywhere = torch.ones(int(np.prod(shape)), dtype=torch.bool, device=dev)
         flat = torch.nonzero(everywhere if inside is None else inside.flatten() > 0)[:, 0]
         self.flat = flat[:: max(1, int(np.ceil(len(flat) / max_points)))]
@@ -166,7 +166,7 @@ def finish_motion(
 
     loop = {"lr": cfg.lr, "tolerance": cfg.tolerance or None, "param_smoothing": 0, "integration_steps": 7,
             "diffeomorphic": False}
-    param = _Parametrisation(loop, lungs if sliding else None, dev)
+    param = FieldParametrisation(loop, lungs if sliding else None, dev)
     control = tf.grid_shape(tf.corner_aligned_grid(grid, float(min(grid.GetSpacing())) * cfg.control_ratio))
     theta = torch.zeros((1, param.channels) + control, device=dev, requires_grad=True)
     points = _PointSampler(grid, similarity_mask, param, cfg.max_points, dev)
@@ -182,7 +182,7 @@ def finish_motion(
         return sim + cfg.weight_smooth * sum(regulariser(part) for part in smooth.split(3, dim=1))
 
     t = time.perf_counter()
-    losses, steps = _optimise_level({"grid": grid}, theta, points, loop, loss_fn, cfg.iterations)
+    losses, steps = optimise_level({"grid": grid}, theta, points, loop, loss_fn, cfg.iterations)
     t_optimise = time.perf_counter() - t
     with torch.no_grad():
         correction = param.ddf(theta, grid) * vox

@@ -26,3 +26,15 @@ def ct4(chest_crop_path) -> sitk.Image:
     size = [int(round(s * sp / SPACING)) for s, sp in zip(ct.GetSize(), ct.GetSpacing())]
     smooth = sitk.SmoothingRecursiveGaussian(ct, 1.5)
     return sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), [SPACING] * 3, ct.GetDirection(), -1024.0, sitk.sitkFloat32)
+
+
+@pytest.fixture(scope="session")
+def thorax4(shared_data) -> sitk.Image:
+    """The held-out full chest CT ``lidc_idri_0314_chest``, smoothed and resampled to ``SPACING`` mm (float32 HU)."""
+    path = shared_data / "ct_more" / "lidc_idri_0314_chest.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    ct = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+    size = [int(round(s * sp / SPACING)) for s, sp in zip(ct.GetSize(), ct.GetSpacing())]
+    return sitk.Resample(sitk.SmoothingRecursiveGaussian(ct, 1.5), size, sitk.Transform(), sitk.sitkLinear,
+                         ct.GetOrigin(), [SPACING] * 3, ct.GetDirection(), -1024.0, sitk.sitkFloat32)

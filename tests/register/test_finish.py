@@ -19,17 +19,6 @@ from regsam.register.finish import FinishSettings, finish_motion
 SPACING = 4.0
 
 
-@pytest.fixture(scope="module")
-def thorax4(shared_data) -> sitk.Image:
-    path = shared_data / "ct_more" / "lidc_idri_0314_chest.nii.gz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    ct = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
-    size = [int(round(s * sp / SPACING)) for s, sp in zip(ct.GetSize(), ct.GetSpacing())]
-    return sitk.Resample(sitk.SmoothingRecursiveGaussian(ct, 1.5), size, sitk.Transform(), sitk.sitkLinear,
-                         ct.GetOrigin(), [SPACING] * 3, ct.GetDirection(), -1024.0, sitk.sitkFloat32)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     """One torch thread (fixture in conftest.py)."""

@@ -29,7 +29,7 @@ import voxelmorph as vxm
 from regsam.embed.preprocess import HU_WINDOW, normalize_hu
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
-from regsam.io.geometry import antialias, empty_like_grid
+from regsam.io.geometry import antialias, bin_shrink, empty_like_grid
 from regsam.io.images import AIR_HU
 from regsam.io.transforms import TransformLike
 from regsam.register.torch_fields import ddf_to_field, image_to_tensor
@@ -129,13 +129,6 @@ def network_grid(
     return empty_like_grid(size, fixed.GetOrigin(), (float(spacing_mm),) * 3, fixed.GetDirection())
 
 
-def _bin_shrink(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
-    """Average whole blocks of voxels up to ``spacing`` (x, y, z mm) first: on a 0.7 mm full-thorax CT this
-    replaces ~5 s of Gaussian smoothing by ~0.3 s, within ~3 % of the image's HU spread at 4 mm."""
-    factors = [max(1, int(target // own)) for target, own in zip(spacing, image.GetSpacing())]
-    return sitk.BinShrink(image, factors) if max(factors) > 1 else image
-
-
 def image_on_grid(image: sitk.Image, grid: sitk.Image, transform: TransformLike | None,
                   hu_window: tuple[float, float] = HU_WINDOW) -> torch.Tensor:
     """``image`` (HU) sampled at ``transform(x)`` for every voxel ``x`` of ``grid`` (linear after Gaussian
@@ -149,7 +142,7 @@ def image_on_grid(image: sitk.Image, grid: sitk.Image, transform: TransformLike 
         t = sitk.DisplacementFieldTransform(sitk.Image(transform))
     else:
         t = transform
-    smooth = antialias(_bin_shrink(sitk.Cast(image, sitk.sitkFloat32), grid.GetSpacing()), np.array(grid.GetSpacing()))
+    smooth = antialias(bin_shrink(sitk.Cast(image, sitk.sitkFloat32), grid.GetSpacing()), np.array(grid.GetSpacing()))
     on = sitk.Resample(smooth, grid, t, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
     return normalize_hu(image_to_tensor(on), hu_window)
 
