@@ -260,3 +260,32 @@ def unfold_locally(local: torch.Tensor, spacing_mm: Sequence[float], min_det: fl
         region = F.max_pool3d(bad, 5, stride=1, padding=2) > 0
         out = torch.where(region, gaussian_blur(out, [sigma_vox] * 3), out)
     return out, max_rounds
+
+
+def extend_over(field: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, int]:
+    """A field on a box (e.g. the lungs') continued over all of ``reference``, for a linear resampling onto it.
+
+    The box's grid grows by whole voxels (same origin lattice, spacing and direction) until it covers
+    ``reference``; the new voxels copy the nearest face (replicate padding), and the result is unfolded locally
+    (:func:`unfold_locally`, only where the continuation folds). Inside the box the values are unchanged.
+
+    Why not ``sitk.Resample(..., useNearestNeighborExtrapolation=True)``: beyond the box it takes the nearest
+    *voxel* along every axis, so the field steps by a whole box voxel every few output voxels along the face,
+    and on a 1 mm grid those steps fold (seen at the bottom slices of a full-thorax CT below the lungs' box).
+
+    Returns:
+        (field on the grown grid, ``sitkVectorFloat64``; unfolding rounds used, 0 when nothing folded).
+    """
+    size, ref = np.array(field.GetSize()), np.array(reference.GetSize())
+    corners = [reference.TransformIndexToPhysicalPoint([int(a), int(b), int(c)])
+               for a in (0, ref[0] - 1) for b in (0, ref[1] - 1) for c in (0, ref[2] - 1)]
+    index = np.array([field.TransformPhysicalPointToContinuousIndex(p) for p in corners])
+    before = np.maximum(np.ceil(-index.min(axis=0)), 0).astype(int) + 1  # x, y, z; one spare voxel each side
+    after = np.maximum(np.ceil(index.max(axis=0) - (size - 1)), 0).astype(int) + 1
+    pad = [int(n) for axis in range(3) for n in (before[axis], after[axis])]  # F.pad: x first, as the tensor's last
+    local = F.pad(field_to_local_mm(field, dtype=torch.float64), pad, mode="replicate")
+    spacing = np.array(field.GetSpacing())
+    local, rounds = unfold_locally(local, tuple(float(s) for s in spacing[::-1]))
+    origin = field.TransformContinuousIndexToPhysicalPoint((-before).astype(float).tolist())
+    grid = empty_like_grid(size + before + after, origin, spacing, field.GetDirection())
+    return local_mm_to_field(local, grid), rounds
