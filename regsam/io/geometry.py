@@ -55,6 +55,22 @@ def voxel_world_points(grid: sitk.Image) -> np.ndarray:
     return index_to_world(grid, np.stack([ii, jj, kk], axis=-1))
 
 
+def seen_box(
+    image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, margin_vox
+) -> tuple[np.ndarray, np.ndarray]:
+    """The index box ``(lo, hi)`` (x, y, z, inclusive ints) of ``image`` that the voxels of ``grid`` map into through
+    a linear ``transform`` (grid -> image; the grid's 8 corners mapped), widened by ``margin_vox`` (voxels of
+    ``image``, one value or x, y, z) and clipped to ``image``."""
+    size = np.array(grid.GetSize())
+    corners = [grid.TransformIndexToPhysicalPoint([int(a), int(b), int(c)])
+               for a in (0, size[0] - 1) for b in (0, size[1] - 1) for c in (0, size[2] - 1)]
+    index = np.array([image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(p)) for p in corners])
+    top = np.array(image.GetSize()) - 1
+    lo = np.clip(np.floor(index.min(axis=0) - margin_vox), 0, top).astype(int)
+    hi = np.clip(np.ceil(index.max(axis=0) + margin_vox), 0, top).astype(int)
+    return lo, hi
+
+
 def bin_shrink(image: sitk.Image, spacing) -> sitk.Image:
     """Average whole blocks of voxels up to ``spacing`` (x, y, z mm): a cheap first step of anti-aliasing a
     sub-millimetre CT (a 0.7 mm full thorax: ~0.3 s instead of seconds of Gaussian smoothing at full resolution)."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from regsam.errors import InputError
-from regsam.io.geometry import antialias, bin_shrink
+from regsam.io.geometry import antialias, bin_shrink, seen_box
 from regsam.io.transforms import TransformLike, as_transform
 from regsam.register import torch_fields as tf
 from regsam.register.deformable import HU_RANGE, mind_ssc
@@ -115,13 +115,7 @@ def _seen_region(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform,
     """
     if not transform.IsLinear():
         return image
-    size = np.array(grid.GetSize())
-    corners = [grid.TransformIndexToPhysicalPoint([int(a), int(b), int(c)])
-               for a in (0, size[0] - 1) for b in (0, size[1] - 1) for c in (0, size[2] - 1)]
-    index = np.array([image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(p)) for p in corners])
-    margin = margin_mm / np.array(image.GetSpacing())
-    lo = np.clip(np.floor(index.min(axis=0) - margin), 0, np.array(image.GetSize()) - 1).astype(int)
-    hi = np.clip(np.ceil(index.max(axis=0) + margin), 0, np.array(image.GetSize()) - 1).astype(int)
+    lo, hi = seen_box(image, grid, transform, margin_mm / np.array(image.GetSpacing()))
     return sitk.RegionOfInterest(image, (hi - lo + 1).tolist(), lo.tolist())
 
 

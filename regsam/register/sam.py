@@ -45,9 +45,9 @@ from regsam.fit.correspondences import Correspondences
 from regsam.fit.smooth import fit_smooth_field
 from regsam.io.images import AIR_HU, resample_to_spacing
 from regsam.io.transforms import transform_to_field, warp_image
-from regsam.register.capture import CaptureSettings, capture_motion
+from regsam.register.capture import CaptureSettings, box_grid, capture_motion
 from regsam.register.deformable import refine_deformable
-from regsam.register.embedding_pca import shared_pca_features
+from regsam.register.embedding_pca import pca_basis, project_seen, shared_pca_features
 from regsam.register.finish import FinishSettings, finish_motion
 from regsam.register.net.model import network_weights_file
 from regsam.register.net.stage import NetworkStage
@@ -169,6 +169,18 @@ class SamState:
             self.features = shared_pca_features(self.fixed_emb.fine, self.moving_emb.fine, self.cfg.feature_components, self.seed)
         return self.features
 
+    def pca_seen(self, target: sitk.Image) -> tuple[tuple[torch.Tensor, sitk.Image], tuple[torch.Tensor, sitk.Image]]:
+        """The PCA features (:meth:`pca_features`) of the parts of both fine embeddings that ``target`` reads (the
+        moving one through :attr:`start`), each with its part's grid: the same values there, a fraction of the work."""
+        fixed, moving = self.fixed_emb, self.moving_emb
+        if self.features is not None or self.cfg.feature_components >= fixed.fine.shape[0]:
+            ff, mf = self.pca_features()
+            return (torch.from_numpy(ff), fixed.fine_geometry), (torch.from_numpy(mf), moving.fine_geometry)
+        basis = pca_basis(fixed.fine, moving.fine, self.cfg.feature_components, self.seed)
+        ff, f_geo = project_seen(fixed.fine, fixed.fine_geometry, *basis, target)
+        mf, m_geo = project_seen(moving.fine, moving.fine_geometry, *basis, target, self.start)
+        return (torch.from_numpy(ff), f_geo), (torch.from_numpy(mf), m_geo)
+
 
 #: The affine is kept only if it explains the inlier matches this much better (rms) than no motion at all; the
 #: matches are quantised to the embedding grid (~2 mm rms on an image and itself), so an affine fitted to an
@@ -207,12 +219,13 @@ class CaptureStage:
     name = "capture"
 
     def run(self, state: SamState) -> None:
-        fixed_feat, moving_feat = state.pca_features()
-        sam = ((torch.from_numpy(fixed_feat), state.fixed_emb.fine_geometry),
-               (torch.from_numpy(moving_feat), state.moving_emb.fine_geometry))
+        lungs = state.lungs if state.cfg.sliding else None
+        settings = state.cfg.capture
+        # every level's grid spans the same box: the SAM features are needed only where it reads them
+        sam = state.pca_seen(box_grid(state.fixed, lungs, settings.feature_spacing_mm[0], settings.box_margin_mm))
         state.residual, info = capture_motion(
-            state.fixed, state.moving, state.start, lungs=state.lungs if state.cfg.sliding else None,
-            sam_features=sam, settings=state.cfg.capture, device=state.device,
+            state.fixed, state.moving, state.start, lungs=lungs,
+            sam_features=sam, settings=settings, device=state.device,
         )
         state.extras["capture"] = {"levels": info["levels"], "sliding": state.cfg.sliding and state.lungs is not None}
 
