@@ -34,7 +34,7 @@ from regsam import __version__
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_dir
 from regsam.io.geometry import grid_of, world_to_index
-from regsam.io.images import AIR_HU
+from regsam.io.images import AIR_HU, write_nifti_gz
 from regsam.io.landmarks import as_points
 from regsam.io.transforms import (
     check_displacement_field,
@@ -220,8 +220,8 @@ class RegistrationResult:
         text = json.dumps(self.summary(fixed_mask, summary_extra), indent=2, default=json_default) + "\n"
         with atomic_dir(out) as tmp:
             # float32 on disk halves the size; the field is read back as VectorFloat64.
-            sitk.WriteImage(sitk.Cast(self.displacement, sitk.sitkVectorFloat32), str(tmp / DISP_FILE), True)
-            sitk.WriteImage(sitk.Cast(self.warped, sitk.sitkFloat32), str(tmp / WARPED_FILE), True)
+            write_nifti_gz(sitk.Cast(self.displacement, sitk.sitkVectorFloat32), tmp / DISP_FILE)
+            write_nifti_gz(sitk.Cast(self.warped, sitk.sitkFloat32), tmp / WARPED_FILE)
             if self.affine is not None:
                 sitk.WriteTransform(self.affine, str(tmp / AFFINE_FILE))
             for name, content in self.artifacts.items():
