@@ -253,7 +253,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods, task=args.task)
     case_dirs = _bench_case_dirs(args)
     run_benchmark(case_dirs, methods, args.out, task=args.task, timeout_s=args.timeout, use_masks=not args.no_masks,
-                  weights=args.weights)
+                  weights=args.weights, net_weights=args.net_weights)
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -281,6 +281,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None,
                    help="embedder weights for the methods that take them and for --task match "
                         "(default: the shipped ones); e.g. to compare your own trained embedder")
+    p.add_argument("--net-weights", default=None,
+                   help="registration network weights for the methods that take them (sam-net; default: the "
+                        "shipped ones); e.g. to compare your own trained network")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per (case, method)")
     p.add_argument("--out", required=True, help="report folder")
     p.set_defaults(func=_cmd_bench)

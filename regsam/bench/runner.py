@@ -97,13 +97,13 @@ def _write_json(data: dict, path: Path) -> None:
 
 def run_registration_process(
     case: Case, spec: MethodChoice, out_dir: Path, extra_args: Sequence[str] = (), timeout_s: float | None = None,
-    use_masks: bool = True, weights: str | None = None,
+    use_masks: bool = True, weights: str | None = None, net_weights: str | None = None,
 ) -> tuple[float, str | None]:
     """Run ``regsam register`` for one case in a child process; return (wall seconds, error or None).
 
     With ``use_masks`` the case's masks go to the methods that use them (a method refuses a mask it does not use);
-    without, every method runs as a user without masks would. ``weights`` (embedder weights) go to the methods
-    that take them; the others run as they are.
+    without, every method runs as a user without masks would. ``weights`` (embedder weights) and ``net_weights``
+    (registration network weights) go to the methods that take them; the others run as they are.
     """
     cmd = [sys.executable, "-m", "regsam.cli", "register", str(case.fixed), str(case.moving), "--out", str(out_dir)]
     cmd += ["--method", spec.method]
@@ -116,6 +116,8 @@ def run_registration_process(
         cmd += ["--moving-mask", str(case.moving_mask)]
     if weights is not None and "weights" in get_method(spec.method).options:
         cmd += ["--weights", str(weights)]
+    if net_weights is not None and "net_weights" in get_method(spec.method).options:
+        cmd += ["--net-weights", str(net_weights)]
     cmd += list(extra_args)
     start = time.perf_counter()
     try:
@@ -178,11 +180,13 @@ def run_benchmark(
     rerun_failed: bool = True,
     use_masks: bool = True,
     weights: str | os.PathLike | None = None,
+    net_weights: str | os.PathLike | None = None,
 ) -> dict:
     """Run every method on every case, score it, and write results.json and the reports.
 
     ``use_masks=False`` runs every method without the cases' masks (as a user without masks would).
     ``weights``: embedder weights for the methods (and the match task) that take them (default: the shipped ones).
+    ``net_weights``: registration network weights for the methods that take them (default: the shipped ones).
     Returns the results dictionary (also in ``out/results.json``).
     """
     out = Path(out)
@@ -210,12 +214,14 @@ def run_benchmark(
         for spec in methods:
             step += 1
             rows.append(_run_one(case, spec, out, task, timeout_s, rerun_failed, say, f"[{step}/{total}]", use_masks,
-                                 None if weights is None else str(weights)))
+                                 None if weights is None else str(weights),
+                                 None if net_weights is None else str(net_weights)))
     results = {
         "task": task,
         "methods": [spec.label for spec in methods],
         "masks": "case masks given to the methods that use them" if use_masks else "none (every method without masks)",
         "embedder_weights": "shipped" if weights is None else str(weights),
+        "network_weights": "shipped" if net_weights is None else str(net_weights),
         "cases": cases_info,
         "rows": rows,
         "summary": summarize_rows(rows),
@@ -227,7 +233,7 @@ def run_benchmark(
 
 def _run_one(
     case: Case, spec: MethodChoice, out: Path, task: str, timeout_s, rerun_failed: bool, say, prefix: str,
-    use_masks: bool = True, weights: str | None = None,
+    use_masks: bool = True, weights: str | None = None, net_weights: str | None = None,
 ) -> dict:
     run_dir = out / "runs" / case.name / spec.label.replace(":", "_")
     done = _row_done(run_dir)
@@ -237,7 +243,7 @@ def _run_one(
     say(f"{prefix} {case.name} {spec.label}: running ...")
     if task == "register":
         wall, error = run_registration_process(case, spec, run_dir, timeout_s=timeout_s, use_masks=use_masks,
-                                               weights=weights)
+                                               weights=weights, net_weights=net_weights)
         row: dict = {"case": case.name, "method": spec.label, "wall_s": wall}
         if error is None:
             try:

@@ -103,3 +103,16 @@ def test_bench_forwards_embedder_weights(chest_crop_path, tmp_path):
     results = run_benchmark([case], parse_methods("sam"), tmp_path / "register", weights=missing, progress=lambda _: None)
     row = results["rows"][0]
     assert row["status"] == "failed" and "my_embedder.pt" in row["error"], row
+
+
+def test_bench_forwards_network_weights(chest_crop_path, tmp_path):
+    """``--net-weights`` reaches the register child of sam-net (a missing network file is named in the failure)."""
+    if not chest_crop_path.is_file():
+        pytest.skip(f"{chest_crop_path} not found")
+    case = _shifted_case(chest_crop_path, tmp_path / "cases" / "shifted")
+    missing = tmp_path / "my_network.pt"
+    results = run_benchmark([case], parse_methods("sam-net"), tmp_path / "register", net_weights=missing,
+                            progress=lambda _: None)
+    assert results["network_weights"] == str(missing)
+    row = results["rows"][0]
+    assert row["status"] == "failed" and "network weights not found" in row["error"] and "my_network.pt" in row["error"]
