@@ -54,6 +54,7 @@ from regsam.register.net.stage import NetworkStage
 from regsam.register.presets import choose_preset
 from regsam.register.result import RegistrationResult
 from regsam.register.stages import Stage, timed
+from regsam.register.torch_fields import extend_over
 
 #: every stage in run order; ``sam`` takes :data:`SAM_STAGES`, ``sam-net`` :data:`NET_STAGES`
 STAGES = ("affine", "coarse", "capture", "network", "finish", "deformable")
@@ -360,8 +361,9 @@ def _field_without_refinement(state: SamState) -> sitk.Image:
     start = state.start if state.start is not None else sitk.Transform()
     if state.residual is None:
         return transform_to_field(start, state.fixed)
-    # nearest-neighbour extrapolation: the residual lives on the lungs' box and continues flat beyond it (no jump)
-    residual = sitk.Resample(state.residual, state.fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+    # the residual lives on the lungs' box: continue it flat beyond the box on its own lattice (no jump, no fold)
+    grown, _ = extend_over(state.residual, state.fixed)
+    residual = sitk.Resample(grown, state.fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
     t0 = sitk.DisplacementFieldTransform(sitk.Image(start)) if isinstance(start, sitk.Image) else start
     composite = sitk.CompositeTransform([t0, sitk.DisplacementFieldTransform(residual)])  # residual first, then T0
     return transform_to_field(composite, state.fixed)

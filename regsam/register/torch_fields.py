@@ -32,6 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from regsam.devices import DeviceLike
 from regsam.errors import InputError
@@ -245,16 +246,67 @@ def jacobian_det_local(local: torch.Tensor, spacing_mm: Sequence[float]) -> torc
             + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
+def cell_corner_det_min(local: torch.Tensor, spacing_mm: Sequence[float]) -> torch.Tensor:
+    """Smallest det J over the 8 corners of each grid cell of the trilinear interpolant of ``x -> x + u(x)``.
+
+    ``local``: (1, 3, D, H, W) local-mm field (channels z, y, x); ``spacing_mm`` in z, y, x. At a cell corner the
+    interpolant's derivative along an axis is the one-sided difference along the cell edge through that corner, so
+    this sees folds that central differences (:func:`jacobian_det_local`) average away, e.g. a field that
+    alternates from voxel to voxel. Returns (D - 1, H - 1, W - 1).
+    """
+    u = local[0]
+    sz, sy, sx = (float(s) for s in spacing_mm)
+    d_z = (u[:, 1:] - u[:, :-1]) / sz  # (3, D-1, H, W): z-edges
+    d_y = (u[:, :, 1:] - u[:, :, :-1]) / sy
+    d_x = (u[..., 1:] - u[..., :-1]) / sx
+    for axis, d_axis in enumerate((d_z, d_y, d_x)):  # J = I + du/dx: the identity once, not per corner
+        d_axis[axis] += 1.0
+    d, h, w = (n - 1 for n in u.shape[1:])
+    worst = None
+    for a in (0, 1):
+        for b in (0, 1):
+            for c in (0, 1):
+                cols = (d_z[:, :, b:b + h, c:c + w], d_y[:, a:a + d, :, c:c + w], d_x[:, a:a + d, b:b + h, :])
+                j = [[cols[m][k] for m in range(3)] for k in range(3)]
+                det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+                       - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+                       + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+                worst = det if worst is None else torch.minimum(worst, det)
+    return worst
+
+
+def _folded_voxels(local: torch.Tensor, spacing_mm: Sequence[float], min_det: float,
+                   cell_min_det: float | None) -> torch.Tensor:
+    """(1, 1, D, H, W) mask of the voxels with det J < ``min_det`` or bounding a cell with a corner det J below
+    ``cell_min_det``."""
+    bad = (jacobian_det_local(local, spacing_mm) < min_det)[None, None].to(local.dtype)
+    if cell_min_det is not None and min(local.shape[2:]) > 1:
+        cell_bad = (cell_corner_det_min(local, spacing_mm) < cell_min_det)[None, None].to(local.dtype)
+        # voxel v bounds cells v-1 and v along each axis
+        corner_bad = F.max_pool3d(F.pad(cell_bad, (1, 1, 1, 1, 1, 1)), 2, stride=1)
+        bad = torch.maximum(bad, corner_bad)
+    return bad
+
+
 def unfold_locally(local: torch.Tensor, spacing_mm: Sequence[float], min_det: float = 0.2, max_rounds: int = 30,
-                   sigma_vox: float = 1.0) -> tuple[torch.Tensor, int]:
+                   sigma_vox: float = 1.0, cell_min_det: float | None = None,
+                   open_faces: Sequence[bool] = (False,) * 6) -> tuple[torch.Tensor, int]:
     """Smooth a local-mm field only where det J < ``min_det`` (and 2 voxels around), until no voxel is left.
 
-    Unlike smoothing the whole field, this keeps sharp but valid motion elsewhere (sliding lungs).
+    Unlike smoothing the whole field, this keeps sharp but valid motion elsewhere (sliding lungs). With
+    ``cell_min_det`` the corners of every cell count too (:func:`cell_corner_det_min`): use it on a field that will
+    be linearly resampled onto a finer grid. ``open_faces`` (z-, z+, y-, y+, x-, x+): faces where ``local`` is a
+    crop of a larger field, whose outermost voxels are not judged (their differences lack a neighbour).
     Returns (field, rounds used); the field may still fold if ``max_rounds`` did not suffice.
     """
+    judged = torch.ones((1, 1) + tuple(local.shape[2:]), dtype=local.dtype, device=local.device)
+    for axis in range(3):
+        for end, is_open in ((0, open_faces[2 * axis]), (-1, open_faces[2 * axis + 1])):
+            if is_open:
+                judged.select(2 + axis, end).zero_()
     out = local
     for rounds in range(max_rounds):
-        bad = (jacobian_det_local(out, spacing_mm) < min_det)[None, None].to(out.dtype)
+        bad = _folded_voxels(out, spacing_mm, min_det, cell_min_det) * judged
         if not bool(bad.any()):
             return out, rounds
         region = F.max_pool3d(bad, 5, stride=1, padding=2) > 0
@@ -262,12 +314,53 @@ def unfold_locally(local: torch.Tensor, spacing_mm: Sequence[float], min_det: fl
     return out, max_rounds
 
 
+def unfold_in_parts(local: torch.Tensor, spacing_mm: Sequence[float], min_det: float = 0.2, max_rounds: int = 30,
+                    sigma_vox: float = 1.0, cell_min_det: float | None = None, crop_margin: int = 8
+                    ) -> tuple[torch.Tensor, int]:
+    """:func:`unfold_locally` run on a crop around each group of folded voxels instead of the whole field.
+
+    One check of the whole field, then each group's crop (``crop_margin`` voxels around it) is unfolded on its own
+    and checked again with its neighbours; for a large field with a few scattered folds this costs a fraction of
+    the whole-field rounds. Returns (field, rounds used, counted over the passes).
+    """
+    shape = tuple(local.shape[2:])
+    bad = _folded_voxels(local, spacing_mm, min_det, cell_min_det)[0, 0]
+    out, used = local, 0
+    while bool(bad.any()) and used < max_rounds:
+        groups, _ = ndimage.label(F.max_pool3d(bad[None, None], 5, stride=1, padding=2)[0, 0].cpu().numpy() > 0)
+        crops = [tuple(slice(max(g.start - crop_margin, 0), min(g.stop + crop_margin, n)) for g, n in zip(box, shape))
+                 for box in ndimage.find_objects(groups)]
+        out, rounds = out.clone(), 1
+        for crop in crops:
+            faces = [open_face for c, n in zip(crop, shape) for open_face in (c.start > 0, c.stop < n)]
+            index = (slice(None), slice(None)) + crop
+            out[index], r = unfold_locally(out[index], spacing_mm, min_det, max_rounds - used, sigma_vox, cell_min_det,
+                                           faces)
+            rounds = max(rounds, r)
+        used += rounds
+        bad = torch.zeros(shape, dtype=torch.bool, device=local.device)
+        for crop in crops:  # smoothing a crop can only fold it or its edge: judge each crop again, one voxel wider
+            wide = tuple(slice(max(c.start - 1, 0), min(c.stop + 1, n)) for c, n in zip(crop, shape))
+            faces = [open_face for c, n in zip(wide, shape) for open_face in (c.start > 0, c.stop < n)]
+            part = _folded_voxels(out[(slice(None), slice(None)) + wide], spacing_mm, min_det, cell_min_det)[0, 0]
+            inner = tuple(slice(1 if lo else 0, -1 if hi else None) for lo, hi in zip(faces[0::2], faces[1::2]))
+            keep = tuple(slice(w.start + (1 if lo else 0), w.stop - (1 if hi else 0))
+                         for w, lo, hi in zip(wide, faces[0::2], faces[1::2]))
+            bad[keep] |= part[inner] > 0
+    return out, used
+
+
+#: :func:`extend_over` smooths cells whose linear interpolant has a corner det J below this (0 would be a fold)
+EXTEND_CELL_MIN_DET = 0.05
+
+
 def extend_over(field: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, int]:
     """A field on a box (e.g. the lungs') continued over all of ``reference``, for a linear resampling onto it.
 
     The box's grid grows by whole voxels (same origin lattice, spacing and direction) until it covers
     ``reference``; the new voxels copy the nearest face (replicate padding), and the result is unfolded locally
-    (:func:`unfold_locally`, only where the continuation folds). Inside the box the values are unchanged.
+    (:func:`unfold_locally` with cell corners, only where it or its linear interpolant folds). Elsewhere inside the
+    box the values are unchanged.
 
     Why not ``sitk.Resample(..., useNearestNeighborExtrapolation=True)``: beyond the box it takes the nearest
     *voxel* along every axis, so the field steps by a whole box voxel every few output voxels along the face,
@@ -283,9 +376,10 @@ def extend_over(field: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, i
     before = np.maximum(np.ceil(-index.min(axis=0)), 0).astype(int) + 1  # x, y, z; one spare voxel each side
     after = np.maximum(np.ceil(index.max(axis=0) - (size - 1)), 0).astype(int) + 1
     pad = [int(n) for axis in range(3) for n in (before[axis], after[axis])]  # F.pad: x first, as the tensor's last
-    local = F.pad(field_to_local_mm(field, dtype=torch.float64), pad, mode="replicate")
+    # float32 is ample for finding folds (1e-5 mm), and halves the work on a full-thorax box
+    local = F.pad(field_to_local_mm(field, dtype=torch.float32), pad, mode="replicate")
     spacing = np.array(field.GetSpacing())
-    local, rounds = unfold_locally(local, tuple(float(s) for s in spacing[::-1]))
+    local, rounds = unfold_in_parts(local, tuple(float(s) for s in spacing[::-1]), cell_min_det=EXTEND_CELL_MIN_DET)
     origin = field.TransformContinuousIndexToPhysicalPoint((-before).astype(float).tolist())
     grid = empty_like_grid(size + before + after, origin, spacing, field.GetDirection())
     return local_mm_to_field(local, grid), rounds
