@@ -216,15 +216,19 @@ def _build(run: _Run):
     scans, skipped = load_scans(run.data_files, run.pairs.scan_spacing_mm)
     if skipped and rank == 0:
         print(f"regsam: no lungs to simulate breathing in, left out: {', '.join(skipped)}", file=sys.stderr)
-    basis = None
-    if run.net_cfg.feature_channels and embedder is not None:
-        basis = input_feature_basis(scans[0], embedder, run.net_cfg.feature_channels, seed, run.device)
-    pool = PairPool(scans, run.pairs, run.net_cfg, landmarks, seed + 1000 * rank, embedder, run.device, basis)
-    if run.train.init_weights and run.checkpoint is None:
+    source = None
+    if run.train.init_weights:  # also on --resume: its feature basis stays the run's
         source = load_network(_resolve_one(run.train.init_weights, run.bases, "train.init_weights"))
         if source.config != run.net_cfg:
             raise InputError(f"train.init_weights {run.train.init_weights}: its network differs from the model section")
-        net.load_state_dict(source.net.state_dict())
+        if run.checkpoint is None:
+            net.load_state_dict(source.net.state_dict())
+    basis = None
+    if source is not None and source.feature_basis is not None:
+        basis = source.feature_basis  # the weights were trained on this basis: keep it, whatever this run's seed
+    elif run.net_cfg.feature_channels and embedder is not None:
+        basis = input_feature_basis(scans[0], embedder, run.net_cfg.feature_channels, seed, run.device)
+    pool = PairPool(scans, run.pairs, run.net_cfg, landmarks, seed + 1000 * rank, embedder, run.device, basis)
     optimizer = build_optimizer(list(net.parameters()), run.train)  # type: ignore[arg-type]
     start, seconds = 0, 0.0
     if run.checkpoint is not None:
@@ -330,7 +334,7 @@ def train_deformable(
             torchrun).
         max_steps: override ``train.max_steps``.
         progress: tqdm progress bar (rank 0).
-        init_weights: override ``train.init_weights`` (ignored on resume).
+        init_weights: override ``train.init_weights`` (on resume only its feature basis is used, as at the start).
 
     Raises:
         InputError: bad config or data (held-out scans included), or ``out_dir`` holds a checkpoint and not

@@ -170,6 +170,11 @@ def test_sam_feature_inputs_use_one_basis_from_training_to_inference(lung_ct, di
     assert basis.shape == (3, mean.shape[0]) and torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-4)
     again = train_deformable(config, tmp_path / "again", progress=False)
     assert torch.equal(load_network(again).feature_basis[0], basis)  # deterministic: same on every run and rank
+    other = {**config, "seed": 1}
+    fresh = train_deformable(other, tmp_path / "seed1", progress=False)
+    assert not torch.equal(load_network(fresh).feature_basis[0], basis)  # another seed draws another basis
+    continued = train_deformable(other, tmp_path / "continued", init_weights=weights, progress=False)
+    assert torch.equal(load_network(continued).feature_basis[0], basis)  # continued weights keep their basis
     ct = sitk.ReadImage(str(lung_ct))
     result = register(ct, ct, method="sam-net", stages="network", net_weights=str(weights), device="cpu")
     assert result.extras["network"]["feature_channels"] == 3
