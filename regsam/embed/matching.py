@@ -97,6 +97,25 @@ class _Level:
         return F.normalize(out, dim=1)
 
 
+def _linear_corners(position: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1D linear interpolation at continuous indices (n,), clamped to the grid as ``grid_sample(padding_mode=
+    "border", align_corners=True)`` clamps them: (lower neighbour (n,) long, weight of the upper one (n,))."""
+    pos = position.clamp(0.0, max(size - 1, 0))
+    low = pos.floor().long().clamp(max=max(size - 2, 0))
+    return low, (pos - low).float()
+
+
+def _linear_weights(position: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, size) matrix of the interpolation of :func:`_linear_corners`."""
+    low, frac = _linear_corners(position, size)
+    weights = torch.zeros(len(low), size, device=position.device)
+    rows = torch.arange(len(low), device=position.device)
+    weights[rows, low] = 1.0 - frac
+    if size > 1:
+        weights[rows, low + 1] += frac
+    return weights
+
+
 def _interpolated_norm(coarse: _Level, fine: _Level, slab: int = 8) -> torch.Tensor:
     """(N_fine,) length of the coarse embedding trilinearly interpolated at every fine voxel.
 
@@ -104,21 +123,54 @@ def _interpolated_norm(coarse: _Level, fine: _Level, slab: int = 8) -> torch.Ten
     length gives the similarity with the re-normalised interpolated coarse embedding (SAM up-samples the
     coarse map and normalises it before combining it with the fine map).
     """
+    to_coarse = torch.as_tensor(coarse.inverse @ fine.affine, dtype=torch.float64, device=fine.device)
+    linear = to_coarse[:3, :3]
+    if torch.count_nonzero(linear - torch.diag(torch.diagonal(linear))) == 0:
+        return _interpolated_norm_separable(coarse, fine, to_coarse)
+    return _interpolated_norm_sampled(coarse, fine, to_coarse, slab)
+
+
+def _interpolated_norm_sampled(coarse: _Level, fine: _Level, to_coarse: torch.Tensor, slab: int = 8) -> torch.Tensor:
+    """:func:`_interpolated_norm` for any pair of grids: ``grid_sample`` of all channels, ``slab`` fine slices at a time."""
+    linear = to_coarse[:3, :3]
     nxc, nyc, nzc = coarse.size
     grid_c = coarse.flat.float().t().reshape(1, -1, nzc, nyc, nxc)
     nx, ny, nz = fine.size
-    to_coarse = torch.as_tensor(coarse.inverse @ fine.affine, dtype=torch.float64, device=fine.device)
     out = torch.empty(nz, ny, nx, device=fine.device)
     yy, xx = torch.meshgrid(torch.arange(ny, device=fine.device), torch.arange(nx, device=fine.device), indexing="ij")
     for z0 in range(0, nz, slab):
         z1 = min(z0 + slab, nz)
         zz = torch.arange(z0, z1, device=fine.device)[:, None, None].expand(-1, ny, nx)
         index = torch.stack((xx.expand(z1 - z0, -1, -1), yy.expand(z1 - z0, -1, -1), zz), dim=-1).double()
-        pos = index @ to_coarse[:3, :3].T + to_coarse[:3, 3]
+        pos = index @ linear.T + to_coarse[:3, 3]
         grid = normalized_grid(pos, coarse.size).float()[None]
         vals = F.grid_sample(grid_c, grid, mode="bilinear", padding_mode="border", align_corners=True)
         out[z0:z1] = vals[0].norm(dim=0)
     return out.reshape(-1).clamp_min(1e-6)
+
+
+def _interpolated_norm_separable(coarse: _Level, fine: _Level, to_coarse: torch.Tensor) -> torch.Tensor:
+    """:func:`_interpolated_norm` for grids whose axes are parallel (the levels of one embedding).
+
+    Trilinear interpolation is then separable: in-plane it is two matrix products; along z each fine slice mixes
+    two coarse slices k, k+1 with weights 1-f, f, so its squared length is (1-f)^2 |a_k|^2 + 2f(1-f) a_k.a_k+1 +
+    f^2 |a_k+1|^2, from per-pixel dot products of neighbouring in-plane slices (no C x N_fine tensor).
+    """
+    nxc, nyc, nzc = coarse.size
+    axis = [torch.arange(n, device=fine.device, dtype=torch.float64) * to_coarse[a, a] + to_coarse[a, 3]
+            for a, n in enumerate(fine.size)]
+    grid_c = coarse.flat.float().t().reshape(-1, nzc, nyc, nxc)
+    in_plane = _linear_weights(axis[1], nyc) @ grid_c @ _linear_weights(axis[0], nxc).T  # (C, nzc, ny, nx)
+    square = (in_plane * in_plane).sum(dim=0)  # (nzc, ny, nx)
+    cross = (in_plane[:, :-1] * in_plane[:, 1:]).sum(dim=0) if nzc > 1 else square[:0]
+    del in_plane
+    low, frac = _linear_corners(axis[2], nzc)
+    f = frac[:, None, None]
+    upper = (low + 1).clamp(max=nzc - 1)
+    norm2 = (1 - f) ** 2 * square[low] + f**2 * square[upper]
+    if nzc > 1:
+        norm2 = norm2 + 2 * f * (1 - f) * cross[low]
+    return norm2.clamp_min(0.0).sqrt().reshape(-1).clamp_min(1e-6)
 
 
 def _levels(embedding: Embedding, device: torch.device) -> tuple[_Level, _Level]:
@@ -126,6 +178,16 @@ def _levels(embedding: Embedding, device: torch.device) -> tuple[_Level, _Level]
         _Level(embedding.fine, embedding.fine_geometry, embedding.level_valid("fine"), device),
         _Level(embedding.coarse, embedding.coarse_geometry, embedding.level_valid("coarse"), device),
     )
+
+
+def _near(centre: torch.Tensor, size_xyz: tuple[int, int, int], radius: float) -> torch.Tensor:
+    """(n, N) flat (z, y, x) mask of the grid voxels within ``radius`` voxels of each integer centre (n, 3) (x, y, z);
+    built from per-axis squared distances, not an (n, N, 3) difference tensor."""
+    n = len(centre)
+    d2 = [(torch.arange(s, device=centre.device, dtype=torch.float32)[None] - centre[:, a, None].float()) ** 2
+          for a, s in enumerate(size_xyz)]
+    total = d2[2][:, :, None, None] + d2[1][:, None, :, None] + d2[0][:, None, None, :]
+    return (total <= radius**2).reshape(n, -1)
 
 
 def _parabola(minus: torch.Tensor, centre: torch.Tensor, plus: torch.Tensor) -> torch.Tensor:
@@ -194,8 +256,7 @@ def _match(
             cidx = coarse_index[best_c]  # (n, 3)
             centres.append((cidx @ coarse_to_fine[:3, :3].T + coarse_to_fine[:3, 3]).round().long())
             if candidates > 1:
-                near = ((coarse_index[None] - cidx[:, None]) ** 2).sum(dim=2) <= suppress**2
-                search = search.masked_fill(near, -2.0)
+                search = search.masked_fill(_near(cidx, g_coarse.size, suppress), -2.0)
         m = len(centres)
         centre = torch.stack(centres, dim=1).reshape(n * m, 3)
         # keep each cube inside the fine grid (shifting it rather than cropping it)

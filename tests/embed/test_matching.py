@@ -8,13 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from scipy.ndimage import gaussian_filter
 
 from regsam.embed.inference import Embedding, embed_image
-from regsam.embed.matching import match_points, similarity_at
+from regsam.embed.matching import (
+    _interpolated_norm_sampled,
+    _interpolated_norm_separable,
+    _Level,
+    _near,
+    match_points,
+    similarity_at,
+)
 from regsam.embed.model import DEFAULT_WEIGHTS, load_embedder
-from regsam.io.geometry import empty_like_grid
 from regsam.errors import InputError
+from regsam.io.geometry import empty_like_grid
 from regsam.io.images import read_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,6 +72,31 @@ def test_planted_embedding_is_found(planted):
     result = match_points(template, off_grid, target, device="cpu", chunk_size=300)
     error = np.linalg.norm(result.matched - (off_grid + shift), axis=1)
     assert np.median(error) < 1.0 and np.percentile(error, 95) < 2.5  # fine voxels are 4 mm
+
+
+def test_separable_coarse_norm_equals_grid_sample():
+    """The matrix-product interpolation of the coarse level's length equals grid_sample's, clamping at the border
+    included (the coarse grid is offset and shorter than the fine one along z)."""
+    rng = np.random.default_rng(3)
+    fine_grid = empty_like_grid((10, 12, 9), (1.0, -2.0, 0.5), (2.0, 2.0, 3.0), IDENTITY)
+    fine = _Level(_field(rng, 16, (9, 12, 10), 1.0), fine_grid, np.ones((9, 12, 10), bool), torch.device("cpu"))
+    coarse_grid = empty_like_grid((4, 5, 3), (2.5, -1.0, 3.0), (6.0, 5.0, 7.5), IDENTITY)
+    coarse = _Level(_field(rng, 16, (3, 5, 4), 0.7), coarse_grid, np.ones((3, 5, 4), bool), torch.device("cpu"))
+    to_coarse = torch.as_tensor(coarse.inverse @ fine.affine, dtype=torch.float64)
+    separable = _interpolated_norm_separable(coarse, fine, to_coarse)
+    sampled = _interpolated_norm_sampled(coarse, fine, to_coarse, slab=4)
+    assert separable.shape == sampled.shape == (9 * 12 * 10,)
+    np.testing.assert_allclose(separable.numpy(), sampled.numpy(), atol=2e-6)
+    assert sampled.min() < 0.95  # the interpolation shortens the unit vectors: the test is not trivial
+
+
+def test_non_maximum_suppression_mask_is_the_ball():
+    size = (7, 5, 6)  # x, y, z
+    centres = torch.tensor([[0, 0, 0], [3, 2, 4], [6, 4, 5]])
+    zz, yy, xx = np.meshgrid(np.arange(6), np.arange(5), np.arange(7), indexing="ij")
+    grid = np.stack((xx, yy, zz), axis=-1).reshape(-1, 3)
+    expected = ((grid[None] - centres.numpy()[:, None]) ** 2).sum(axis=2) <= 2.5**2
+    np.testing.assert_array_equal(_near(centres, size, 2.5).numpy(), expected)
 
 
 def test_match_point_validation(planted):
