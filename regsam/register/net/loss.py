@@ -8,7 +8,9 @@
 * embedding: ``1 - cos`` between the fixed SAM embedding and the moving embedding warped by the same
   displacement (both PCA-reduced with one basis, see :mod:`regsam.register.net.pairs`), mean over the fixed
   body; ``weight_embed: 0`` is the ablation without embedding guidance (the pool then computes no embeddings
-  unless the network takes them as input);
+  unless the network takes them as input); ``embed_schedule: cosine`` lowers its weight from ``weight_embed``
+  to 0 over the run's steps (guidance while the network learns the large motion, the image term alone at the
+  end), ``constant`` keeps it;
 * regulariser: :class:`monai.losses.DiffusionLoss` (squared gradient of the displacement in voxels) or
   ``bending`` (:class:`monai.losses.BendingEnergyLoss`).
 
@@ -17,6 +19,7 @@ Warps are MONAI ``Warp`` (border padding), which reads voxelmorph's displacement
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -43,8 +46,11 @@ class LossConfig:
     weight_embed: float = 1.0
     weight_reg: float = 1.0
     regulariser: str = "diffusion"
+    embed_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.embed_schedule not in ("constant", "cosine"):
+            raise InputError(f"loss.embed_schedule must be 'constant' or 'cosine', got {self.embed_schedule!r}")
         if self.similarity not in ("lncc", "mind"):
             raise InputError(f"loss.similarity must be 'lncc' or 'mind', got {self.similarity!r}")
         if self.regulariser not in ("diffusion", "bending"):
@@ -55,9 +61,16 @@ class LossConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def embed_weight(self, step: int, max_steps: int) -> float:
+        """The embedding term's weight at 0-based ``step`` of a run of ``max_steps``."""
+        if self.embed_schedule == "constant" or max_steps <= 1:
+            return self.weight_embed
+        return self.weight_embed * 0.5 * (1.0 + math.cos(math.pi * min(step, max_steps - 1) / (max_steps - 1)))
+
 
 class RegistrationLoss(torch.nn.Module):
-    """``forward(batch, displacement) -> {"loss", "image", "embed", "reg"}`` (scalars; components unweighted)."""
+    """``forward(batch, displacement[, weight_embed]) -> {"loss", "image", "embed", "reg"}`` (scalars; components
+    unweighted; ``weight_embed`` replaces the config's, as :meth:`LossConfig.embed_weight` schedules it)."""
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
@@ -78,7 +91,9 @@ class RegistrationLoss(torch.nn.Module):
         body = batch["body"]
         return (dissim * body).sum() / body.sum().clamp_min(1.0)
 
-    def forward(self, batch: dict[str, torch.Tensor], displacement: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], displacement: torch.Tensor, weight_embed: float | None = None
+    ) -> dict[str, torch.Tensor]:
         fixed, moving = batch["fixed"][:, :1], batch["moving"][:, :1]
         image = self.image_term(fixed, self.warp(moving, displacement))
         zero = torch.zeros((), device=displacement.device)
@@ -88,8 +103,9 @@ class RegistrationLoss(torch.nn.Module):
             reg = self.regulariser(displacement)
         c = self.cfg
         loss = c.weight_image * image + c.weight_reg * reg
-        if c.weight_embed > 0:
-            loss = loss + c.weight_embed * embed
+        weight = c.weight_embed if weight_embed is None else weight_embed
+        if weight > 0:
+            loss = loss + weight * embed
         return {"loss": loss, "image": image.detach(), "embed": embed.detach(), "reg": reg.detach()}
 
 

@@ -263,7 +263,7 @@ def train_step(run: _Run, model, loss_fn, pool: PairPool, optimizer, step: int) 
         group["lr"] = lr
     batch, fixed, moving = _inputs(pool.batch(step, run.train.batch_size), run.net_cfg, run.device)
     displacement = predict_residual(model, fixed, moving)
-    result = loss_fn(batch, displacement)
+    result = loss_fn(batch, displacement, run.loss.embed_weight(step, run.train.max_steps))
     optimizer.zero_grad(set_to_none=True)
     result["loss"].backward()
     if run.train.grad_clip:

@@ -17,6 +17,7 @@ import yaml
 
 from regsam.cli import main as cli_main
 from regsam.errors import InputError
+from regsam.register.net.loss import LossConfig
 from regsam.register.net.model import load_network
 from regsam.register.net.train import load_config, train_deformable
 
@@ -102,6 +103,14 @@ def _one_line_exit_2(capsys, argv: list[str], message: str) -> None:
     assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
 
 
+def test_cosine_embedding_schedule_lowers_the_weight_to_zero():
+    steps = 11
+    weights = [LossConfig(weight_embed=0.8, embed_schedule="cosine").embed_weight(s, steps) for s in range(steps)]
+    assert weights[0] == pytest.approx(0.8) and weights[5] == pytest.approx(0.4) and weights[-1] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(weights, weights[1:]))
+    assert LossConfig(weight_embed=0.8).embed_weight(7, steps) == 0.8
+
+
 def test_bad_training_input_is_one_line_and_exit_2(lung_ct, dirlab_landmarks, tmp_path, capsys):
     good = tiny(lung_ct, dirlab_landmarks)
     cases = {
@@ -110,6 +119,7 @@ def test_bad_training_input_is_one_line_and_exit_2(lung_ct, dirlab_landmarks, tm
         "missing data": ({**good, "data": [str(tmp_path / "nothing.nii.gz")]}, "matches no image"),
         "held out": ({**good, "holdout": [str(lung_ct)]}, "held-out scan"),
         "bad value": ({**good, "loss": {"similarity": "ssd"}}, "loss.similarity"),
+        "bad schedule": ({**good, "loss": {"embed_schedule": "linear"}}, "loss.embed_schedule"),
         "landmarks": ({**good, "pairs": {**good["pairs"], "landmarks": str(tmp_path)}}, "landmark file not found"),
     }
     for name, (config, message) in cases.items():
