@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 import voxelmorph as vxm
 
 from regsam.embed.preprocess import HU_WINDOW, normalize_hu
@@ -53,6 +54,11 @@ class NetConfig:
     feature_channels: int = 0
     #: HU window mapped to [-1, 1]
     hu_window: tuple[float, float] = HU_WINDOW
+    #: > 0: instead of the SAM channels themselves, the fixed side gets their correlation volume (cosine of the
+    #: fixed and the moving features at ``(2 r + 1)^3`` offsets, ``correlation_dilation`` voxels apart; SAME++'s
+    #: input) and the moving side the image alone; needs ``feature_channels``
+    correlation_radius: int = 0
+    correlation_dilation: int = 2
 
     def __post_init__(self) -> None:
         if not 1.0 <= float(self.spacing_mm) <= 8.0:
@@ -61,6 +67,10 @@ class NetConfig:
             raise InputError(f"model.nb_features must be positive widths, got {list(self.nb_features)}")
         if self.integration_steps < 0 or self.feature_channels < 0:
             raise InputError("model.integration_steps and model.feature_channels must be >= 0")
+        if self.correlation_radius < 0 or self.correlation_dilation < 1:
+            raise InputError("model.correlation_radius must be >= 0 and model.correlation_dilation >= 1")
+        if self.correlation_radius and not self.feature_channels:
+            raise InputError("model.correlation_radius needs model.feature_channels > 0 (the features it correlates)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> NetConfig:
@@ -75,31 +85,69 @@ class NetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @property
+    def input_channels(self) -> tuple[int, int]:
+        """(moving, fixed) input channels: the image plus the SAM channels, or on the fixed side their correlation."""
+        if self.correlation_radius:
+            return 1, 1 + (2 * int(self.correlation_radius) + 1) ** 3
+        return 1 + int(self.feature_channels), 1 + int(self.feature_channels)
+
+    @property
     def stride(self) -> int:
         """Every input extent must be a multiple of this (one max-pool per U-Net level)."""
         return 2 ** len(self.nb_features)
 
 
 def build_network(cfg: NetConfig | dict) -> vxm.nn.models.VxmPairwise:
-    """A 3D ``VxmPairwise``: source = moving (+ features), target = fixed (+ features); 1 + feature_channels each."""
+    """A 3D ``VxmPairwise``: source = moving, target = fixed, with :attr:`NetConfig.input_channels` channels."""
     cfg = cfg if isinstance(cfg, NetConfig) else NetConfig.from_dict(cfg)
-    channels = 1 + int(cfg.feature_channels)
+    source, target = cfg.input_channels
     return vxm.nn.models.VxmPairwise(
-        ndim=3, source_channels=channels, target_channels=channels, nb_features=[int(n) for n in cfg.nb_features],
+        ndim=3, source_channels=source, target_channels=target, nb_features=[int(n) for n in cfg.nb_features],
         integration_steps=int(cfg.integration_steps),
     )
+
+
+def correlation_volume(fixed: torch.Tensor, moving: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
+    """Cosine of ``fixed`` (B, C, D, H, W) with ``moving`` shifted by every offset of ``{-r..r}^3 * dilation`` voxels
+    (moving read at ``i + o``, replicated beyond its border): (B, (2r + 1)^3, D, H, W), offsets z-major, x fastest."""
+    f = F.normalize(fixed.float(), dim=1, eps=1e-6)
+    m = F.normalize(moving.float(), dim=1, eps=1e-6)
+    reach = radius * dilation
+    padded = F.pad(m, [reach] * 6, mode="replicate")
+    d, h, w = f.shape[2:]
+    steps = range(0, 2 * reach + 1, dilation)
+    return torch.stack([(f * padded[:, :, z : z + d, y : y + h, x : x + w]).sum(dim=1)
+                        for z in steps for y in steps for x in steps], dim=1)
+
+
+def network_inputs(
+    fixed_image: torch.Tensor, moving_image: torch.Tensor, fixed_features: torch.Tensor | None,
+    moving_features: torch.Tensor | None, cfg: NetConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fixed_t, moving_t) for :func:`predict_residual`: images (B, 1, D, H, W), followed by the SAM channels
+    (B, feature_channels, D, H, W) or, on the fixed side only, their :func:`correlation_volume`."""
+    if not cfg.feature_channels:
+        return fixed_image, moving_image
+    assert fixed_features is not None and moving_features is not None
+    if cfg.correlation_radius:
+        corr = correlation_volume(fixed_features, moving_features, cfg.correlation_radius, cfg.correlation_dilation)
+        return torch.cat([fixed_image, corr.to(fixed_image.dtype)], dim=1), moving_image
+    return (torch.cat([fixed_image, fixed_features.to(fixed_image.dtype)], dim=1),
+            torch.cat([moving_image, moving_features.to(moving_image.dtype)], dim=1))
 
 
 def predict_residual(net: torch.nn.Module, fixed_t: torch.Tensor, moving_t: torch.Tensor) -> torch.Tensor:
     """The network's displacement (B, 3, D, H, W) in voxels of the input grid, channels along tensor axes z, y, x.
 
-    ``fixed_t``/``moving_t``: (B, 1 + feature_channels, D, H, W) on the same grid, D, H, W multiples of the
-    network stride; ``moving_t`` is the moving image already resampled through ``T0`` onto that grid. The
+    ``fixed_t``/``moving_t``: (B, C, D, H, W) from :func:`network_inputs`, on the same grid, D, H, W multiples of
+    the network stride; ``moving_t`` is the moving image already resampled through ``T0`` onto that grid. The
     result ``d`` maps fixed voxel ``i`` to ``i + d[:, :, i]`` of that resampled moving image (the residual ``r``
     of the SAM contract ``x -> T0(x + r(x))``, in voxels; :func:`network_field_to_world` gives mm).
     """
-    if fixed_t.shape != moving_t.shape or fixed_t.dim() != 5:
-        raise InputError(f"network inputs must be two (B, C, D, H, W) tensors of one shape, got "
+    same_grid = fixed_t.dim() == moving_t.dim() == 5 and (
+        fixed_t.shape[:1] + fixed_t.shape[2:] == moving_t.shape[:1] + moving_t.shape[2:])
+    if not same_grid:
+        raise InputError(f"network inputs must be two (B, C, D, H, W) tensors on one grid, got "
                          f"{tuple(fixed_t.shape)} and {tuple(moving_t.shape)}")
     return net(moving_t, fixed_t, return_field_type="displacement")
 
@@ -217,6 +265,7 @@ def load_network(path: str | os.PathLike | None = None, device: str | torch.devi
 
 
 __all__ = [
-    "DEFAULT_NET_WEIGHTS", "LoadedNetwork", "NetConfig", "build_network", "image_on_grid", "load_network",
-    "network_field_to_world", "network_grid", "network_weights_file", "predict_residual", "save_network",
+    "DEFAULT_NET_WEIGHTS", "LoadedNetwork", "NetConfig", "build_network", "correlation_volume", "image_on_grid",
+    "load_network", "network_field_to_world", "network_grid", "network_inputs", "network_weights_file",
+    "predict_residual", "save_network",
 ]

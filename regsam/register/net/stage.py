@@ -19,6 +19,7 @@ from regsam.register.net.model import (
     load_network,
     network_field_to_world,
     network_grid,
+    network_inputs,
     predict_residual,
 )
 from regsam.register.torch_fields import sample_world
@@ -44,9 +45,8 @@ class NetworkStage:
         grid = network_grid(state.fixed, cfg.spacing_mm, cfg.stride)
         fixed_t = image_on_grid(state.fixed, grid, None, cfg.hu_window)
         moving_t = image_on_grid(state.moving, grid, state.start, cfg.hu_window)
-        if cfg.feature_channels:
-            f, m = _feature_inputs(state, loaded, grid)
-            fixed_t, moving_t = torch.cat([fixed_t, f], dim=1), torch.cat([moving_t, m], dim=1)
+        f, m = _feature_inputs(state, loaded, grid) if cfg.feature_channels else (None, None)
+        fixed_t, moving_t = network_inputs(fixed_t, moving_t, f, m, cfg)
         with torch.no_grad():
             displacement = predict_residual(loaded.net, fixed_t.to(state.device), moving_t.to(state.device))
         state.residual = network_field_to_world(displacement, grid)

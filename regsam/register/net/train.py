@@ -49,7 +49,14 @@ from regsam.embed.train import (
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
 from regsam.register.net.loss import COMPONENTS, LossConfig, RegistrationLoss
-from regsam.register.net.model import NetConfig, build_network, load_network, predict_residual, save_network
+from regsam.register.net.model import (
+    NetConfig,
+    build_network,
+    load_network,
+    network_inputs,
+    predict_residual,
+    save_network,
+)
 from regsam.register.net.pairs import PairPool, PairSettings, input_feature_basis, landmark_files, load_scans
 
 
@@ -247,12 +254,10 @@ def _build(run: _Run):
 
 
 def _inputs(batch: dict[str, torch.Tensor], net_cfg: NetConfig, device: torch.device):
-    """(fixed, moving) network inputs: images, followed by the ``feature_channels`` SAM input channels."""
+    """The batch on ``device`` and its (fixed, moving) network inputs (:func:`network_inputs`)."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    if not net_cfg.feature_channels:
-        return batch, batch["fixed"], batch["moving"]
-    fixed = torch.cat([batch["fixed"], batch["fixed_inputs"]], dim=1)
-    moving = torch.cat([batch["moving"], batch["moving_inputs"]], dim=1)
+    fixed, moving = network_inputs(batch["fixed"], batch["moving"], batch.get("fixed_inputs"),
+                                   batch.get("moving_inputs"), net_cfg)
     return batch, fixed, moving
 
 

@@ -189,3 +189,34 @@ def test_sam_feature_inputs_use_one_basis_from_training_to_inference(lung_ct, di
     result = register(ct, ct, method="sam-net", stages="network", net_weights=str(weights), device="cpu")
     assert result.extras["network"]["feature_channels"] == 3
     assert np.isfinite(sitk.GetArrayViewFromImage(result.displacement)).all()
+
+
+def test_correlation_volume_peaks_at_the_planted_offset():
+    """SAME++-style input: channel o is the cosine of fixed(i) and moving(i + o); a moving copy shifted by
+    +2 voxels along x (dilation 2) correlates fully in the (0, 0, +1) channel, and nowhere else."""
+    from regsam.register.net.model import correlation_volume
+
+    fixed = torch.randn(1, 8, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    moving = torch.roll(fixed, shifts=2, dims=4)  # moving(i + 2 x) = fixed(i)
+    corr = correlation_volume(fixed, moving, radius=1, dilation=2)
+    assert corr.shape == (1, 27, 12, 12, 12)
+    inner = corr[0, :, 2:-2, 2:-2, 2:-2]
+    assert torch.allclose(inner[1 * 9 + 1 * 3 + 2], torch.ones(()), atol=1e-5)
+    assert (inner.mean(dim=(1, 2, 3)).argmax() == 14) and inner[13].mean() < 0.5
+
+
+@pytest.mark.slow
+def test_correlation_input_trains_and_registers(lung_ct, dirlab_landmarks, tmp_path):
+    from regsam.register.api import register
+
+    config = tiny(lung_ct, dirlab_landmarks, max_steps=2, checkpoint_every=2)
+    config["model"].update(feature_channels=3, correlation_radius=1)
+    weights = train_deformable(config, tmp_path / "corr", progress=False)
+    loaded = load_network(weights)
+    assert loaded.config.input_channels == (1, 28)
+    ct = sitk.ReadImage(str(lung_ct))
+    result = register(ct, ct, method="sam-net", stages="network", net_weights=str(weights), device="cpu")
+    assert np.isfinite(sitk.GetArrayViewFromImage(result.displacement)).all()
+    bad = {**config, "model": {**config["model"], "feature_channels": 0}}
+    with pytest.raises(InputError, match="correlation_radius needs"):
+        train_deformable(bad, tmp_path / "bad", progress=False)
