@@ -314,6 +314,11 @@ def unfold_locally(local: torch.Tensor, spacing_mm: Sequence[float], min_det: fl
     return out, max_rounds
 
 
+def _open_faces(crop: tuple[slice, ...], shape: tuple[int, ...]) -> list[bool]:
+    """(z-, z+, y-, y+, x-, x+): whether each face of ``crop`` lies inside a field of ``shape`` (not on its border)."""
+    return [open_face for c, n in zip(crop, shape) for open_face in (c.start > 0, c.stop < n)]
+
+
 def unfold_in_parts(local: torch.Tensor, spacing_mm: Sequence[float], min_det: float = 0.2, max_rounds: int = 30,
                     sigma_vox: float = 1.0, cell_min_det: float | None = None, crop_margin: int = 8
                     ) -> tuple[torch.Tensor, int]:
@@ -332,16 +337,15 @@ def unfold_in_parts(local: torch.Tensor, spacing_mm: Sequence[float], min_det: f
                  for box in ndimage.find_objects(groups)]
         out, rounds = out.clone(), 1
         for crop in crops:
-            faces = [open_face for c, n in zip(crop, shape) for open_face in (c.start > 0, c.stop < n)]
             index = (slice(None), slice(None)) + crop
             out[index], r = unfold_locally(out[index], spacing_mm, min_det, max_rounds - used, sigma_vox, cell_min_det,
-                                           faces)
+                                           _open_faces(crop, shape))
             rounds = max(rounds, r)
         used += rounds
         bad = torch.zeros(shape, dtype=torch.bool, device=local.device)
         for crop in crops:  # smoothing a crop can only fold it or its edge: judge each crop again, one voxel wider
             wide = tuple(slice(max(c.start - 1, 0), min(c.stop + 1, n)) for c, n in zip(crop, shape))
-            faces = [open_face for c, n in zip(wide, shape) for open_face in (c.start > 0, c.stop < n)]
+            faces = _open_faces(wide, shape)
             part = _folded_voxels(out[(slice(None), slice(None)) + wide], spacing_mm, min_det, cell_min_det)[0, 0]
             inner = tuple(slice(1 if lo else 0, -1 if hi else None) for lo, hi in zip(faces[0::2], faces[1::2]))
             keep = tuple(slice(w.start + (1 if lo else 0), w.stop - (1 if hi else 0))
