@@ -187,8 +187,8 @@ METHODS: dict[str, MethodSpec] = {
             options=frozenset({"stages", "device", "weights", "net_weights", "seed"}),
             uses_masks=frozenset({"fixed"}),
             summary="SAM affine, then one pass of a registration network trained with SAM embedding guidance "
-            "(voxelmorph U-Net, diffeomorphic, 4 mm, the images and their PCA'd SAM embeddings as input; "
-            "`regsam train-deformable`, weights "
+            "(voxelmorph U-Net, diffeomorphic, 4 mm; input: the images and the correlation volume of their PCA'd SAM "
+            "embeddings; `regsam train-deformable`, weights "
             "`regsam/weights/sam_net_chest.pt`); `fast` finishes the network's field with the MIND-SSC finish "
             "stage of `sam` (instance optimisation), `instant` stops after the network",
             preset_table="regsam.register.sam:NET_PRESETS",

@@ -158,6 +158,12 @@ def test_shipped_configs_load_and_differ_only_in_the_embedding_weight(shared_dat
     assert main["loss"]["weight_embed"] > 0 and ablation["loss"]["weight_embed"] == 0
     ablation["loss"]["weight_embed"] = main["loss"]["weight_embed"]
     assert ablation == main
+    shipped, _ = load_config(CONFIGS / "sam_net_chest_corr.yaml")  # the shipped network's config and its twin
+    twin, _ = load_config(CONFIGS / "sam_net_chest_corr_noembed.yaml")
+    assert shipped["model"]["correlation_radius"] > 0 and twin["loss"]["weight_embed"] == 0
+    twin["loss"]["weight_embed"] = shipped["loss"]["weight_embed"]
+    assert twin == shipped
+    assert load_network().config.to_dict() == {**shipped["model"], "hu_window": list(shipped["model"]["hu_window"])}
     assert "sample-ct" in main["data"] and not any("lidc_idri_0314" in d for d in main["data"])
     embedder = yaml.safe_load((REPO / "regsam" / "configs" / "embedder" / "chest_all.yaml").read_text())
     assert main["data"] == embedder["data"] and main["holdout"] == embedder["holdout"]
