@@ -77,6 +77,9 @@ def test_resume_reaches_the_same_step_and_weights_as_an_uninterrupted_run(lung_c
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"] == 6
     assert [r["loss"] for r in _log(tmp_path / "full")] == [r["loss"] for r in _log(tmp_path / "split")]
+    changed = {**config, "loss": {"weight_embed": 0.0, "weight_reg": 2.0}}  # another recipe: refused, not mixed in
+    with pytest.raises(InputError, match=r"differs .*loss\.weight_reg: 1\.0 -> 2\.0"):
+        train_deformable(changed, tmp_path / "split", resume=True, max_steps=8, progress=False)
 
 
 @pytest.mark.slow
