@@ -120,10 +120,9 @@ def _seen_region(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform,
     return sitk.RegionOfInterest(image, (hi - lo + 1).tolist(), lo.tolist())
 
 
-def mind_on_grid(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, radius: int, dilation: int,
-                 dev: torch.device) -> torch.Tensor:
-    """MIND-SSC (1, 12, D, H, W) on ``grid`` of a CT (HU; normalised by :func:`normalised_ct`) seen through
-    ``transform`` (grid -> image).
+def ct_on_grid(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, dev: torch.device) -> torch.Tensor:
+    """The CT (HU; normalised by :func:`normalised_ct`) seen through ``transform`` (grid -> image) on ``grid``, as
+    a (1, 1, D, H, W) tensor.
 
     Only the region the grid sees is read; where ``grid`` is coarser than the image it is block-averaged and
     Gaussian-smoothed first (anti-aliasing).
@@ -134,7 +133,13 @@ def mind_on_grid(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform,
     # spacing: 0.43 -> 0.48 mm on a 2 mm pair), yet make a 0.7 mm scan 8x smaller before it
     smooth = antialias(bin_shrink(normalised_ct(region), spacing / 2.0), spacing)
     on = sitk.Resample(smooth, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return mind_ssc(tf.image_to_tensor(on, dev), radius, dilation)
+    return tf.image_to_tensor(on, dev)
+
+
+def mind_on_grid(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, radius: int, dilation: int,
+                 dev: torch.device) -> torch.Tensor:
+    """MIND-SSC (1, 12, D, H, W) of :func:`ct_on_grid`."""
+    return mind_ssc(ct_on_grid(image, grid, transform, dev), radius, dilation)
 
 
 def _level_features(
@@ -339,4 +344,4 @@ def capture_motion(
     return tf.local_mm_to_field(residual_mm, grid), info
 
 
-__all__ = ["CaptureSettings", "box_grid", "capture_motion", "mind_on_grid", "normalised_ct"]
+__all__ = ["CaptureSettings", "box_grid", "capture_motion", "ct_on_grid", "mind_on_grid", "normalised_ct"]

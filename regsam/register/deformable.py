@@ -127,6 +127,17 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     return torch.exp(-mind / var)
 
 
+def local_contrast(image: torch.Tensor, window: int = 3, clip: float = 3.0) -> torch.Tensor:
+    """The locally normalised intensity of a (B, 1, D, H, W) image: ``(I - mean) / std`` over a box of side
+    ``window`` voxels, clipped to +-``clip`` and divided by it (range [-1, 1]). Like LNCC's terms it ignores a local
+    gain and offset (the lungs' density change between breathing phases), but it keeps the intensity's sign and
+    position that MIND-SSC's patch distances blur."""
+    pad = [window // 2] * 6
+    mean = F.avg_pool3d(F.pad(image, pad, mode="replicate"), window, stride=1)
+    var = F.avg_pool3d(F.pad(image * image, pad, mode="replicate"), window, stride=1) - mean * mean
+    return ((image - mean) / torch.sqrt(var.clamp_min(0.0) + 1e-4)).clamp(-clip, clip) / clip
+
+
 # ------------------------------------------------------------------ helpers
 def _config(preset: str | None, overrides: dict) -> dict:
     name = preset or DEFAULT_PRESET
@@ -599,4 +610,4 @@ def refine_deformable(
     return DeformableResult(field=result, folding_share=det_share, info=info)
 
 
-__all__ = ["PRESETS", "DeformableResult", "mind_ssc", "refine_deformable", "HU_RANGE"]
+__all__ = ["PRESETS", "DeformableResult", "local_contrast", "mind_ssc", "refine_deformable", "HU_RANGE"]

@@ -15,7 +15,7 @@ import torch
 from regsam.errors import InputError
 from regsam.io.transforms import folding_share, map_points, transform_to_field
 from regsam.register import torch_fields as tf
-from regsam.register.deformable import PRESETS, mind_ssc, refine_deformable
+from regsam.register.deformable import PRESETS, local_contrast, mind_ssc, refine_deformable
 
 SPACING = 4.0
 SHIFT = np.array([3.0, -4.0, 5.0])
@@ -112,6 +112,17 @@ def test_mind_ssc_shape_and_invariance():
     assert d.shape == (1, 12, 12, 13, 14) and torch.isfinite(d).all()
     assert float(d.max()) <= 1.0 + 1e-6 and float(d.min()) >= 0.0
     assert torch.allclose(mind_ssc(3.0 * img + 7.0), d, atol=1e-4)  # contrast invariant
+
+
+def test_local_contrast_ignores_gain_and_offset_but_keeps_position():
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(rng.normal(size=(1, 1, 12, 13, 14)).astype(np.float32))
+    c = local_contrast(img, window=3)
+    assert c.shape == img.shape and float(c.abs().max()) <= 1.0
+    assert torch.allclose(local_contrast(2.5 * img - 4.0, window=3), c, atol=1e-3)  # density change between phases
+    assert not torch.allclose(local_contrast(-img, window=3), c, atol=0.1)  # a sign MIND-SSC's distances lose
+    shifted = local_contrast(torch.roll(img, 1, dims=2), window=3)
+    assert torch.allclose(shifted[:, :, 3:-3], torch.roll(c, 1, dims=2)[:, :, 3:-3], atol=1e-5)  # moves with the image
 
 
 # ------------------------------------------------------------------ refinement
