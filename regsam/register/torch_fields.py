@@ -342,7 +342,8 @@ def unfold_in_parts(local: torch.Tensor, spacing_mm: Sequence[float], min_det: f
                                            _open_faces(crop, shape))
             rounds = max(rounds, r)
         used += rounds
-        bad = torch.zeros(shape, dtype=torch.bool, device=local.device)
+        # float like _folded_voxels' mask: max_pool3d (the next pass's grouping) has no bool kernel
+        bad = torch.zeros(shape, dtype=local.dtype, device=local.device)
         for crop in crops:  # smoothing a crop can only fold it or its edge: judge each crop again, one voxel wider
             wide = tuple(slice(max(c.start - 1, 0), min(c.stop + 1, n)) for c, n in zip(crop, shape))
             faces = _open_faces(wide, shape)
@@ -350,7 +351,7 @@ def unfold_in_parts(local: torch.Tensor, spacing_mm: Sequence[float], min_det: f
             inner = tuple(slice(1 if lo else 0, -1 if hi else None) for lo, hi in zip(faces[0::2], faces[1::2]))
             keep = tuple(slice(w.start + (1 if lo else 0), w.stop - (1 if hi else 0))
                          for w, lo, hi in zip(wide, faces[0::2], faces[1::2]))
-            bad[keep] |= part[inner] > 0
+            bad[keep] = torch.maximum(bad[keep], (part[inner] > 0).to(bad.dtype))
     return out, used
 
 
