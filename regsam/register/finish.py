@@ -8,9 +8,10 @@ error on small motion. This stage adds a smooth correction ``c`` to the capture 
 
 found by Adam on the mean squared difference of MIND-SSC descriptors (computed once per image, on one grid over
 the lungs' box from :func:`regsam.register.capture.ct_on_grid`; optionally with the CT's local contrast as one
-more channel), weighted by the similarity mask (body within a margin of the lungs), plus a diffusion penalty on ``c``. With a sliding mask ``c`` is two fields, one inside the
-lungs and one outside, each regularised on its own (:class:`regsam.register.deformable.FieldParametrisation`); the
-capture residual keeps its own sliding seam since ``c`` is added to it. Nothing in the loop touches the full-
+more channel), weighted by the similarity mask (body within a margin of the lungs), plus a diffusion penalty on
+``c``. With a sliding mask ``c`` is two fields, one inside the lungs and one outside, each regularised on its own
+(:class:`regsam.register.deformable.FieldParametrisation`); the capture residual keeps its own sliding seam since
+``c`` is added to it. Nothing in the loop touches the full-
 resolution image: the grid's spacing grows until it holds at most ``max_voxels``, ``c`` lives on a control grid
 ``control_ratio`` times coarser, and the steps stop once the loss stops improving.
 """
