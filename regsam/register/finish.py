@@ -11,9 +11,9 @@ the lungs' box from :func:`regsam.register.capture.ct_on_grid`; optionally with 
 more channel), weighted by the similarity mask (body within a margin of the lungs), plus a diffusion penalty on
 ``c``. With a sliding mask ``c`` is two fields, one inside the lungs and one outside, each regularised on its own
 (:class:`regsam.register.deformable.FieldParametrisation`); the capture residual keeps its own sliding seam since
-``c`` is added to it. Nothing in the loop touches the full-
-resolution image: the grid's spacing grows until it holds at most ``max_voxels``, ``c`` lives on a control grid
-``control_ratio`` times coarser, and the steps stop once the loss stops improving.
+``c`` is added to it. Nothing in the loop touches the full-resolution image: the grid's spacing grows until it holds
+at most ``max_voxels``, ``c`` lives on a control grid ``control_ratio`` times coarser, and the steps stop once the
+loss stops improving.
 """
 
 from __future__ import annotations

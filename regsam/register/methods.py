@@ -175,8 +175,8 @@ METHODS: dict[str, MethodSpec] = {
             "up to 50k sample points of the body near the lungs on a 1.5 mm grid, coarser beyond 3 M voxels: a smooth "
             "correction inside and one outside the lungs, at most 40 steps, stopped on convergence); `accurate` "
             "adds the deformable stage (MONAI LNCC + bending energy at 4 and 2 mm from the capture residual, "
-            "sliding, steps stopped on convergence): more precise "
-            "for small motion, slower, and worse at the lung base of a full thorax",
+            "sliding, steps stopped on convergence): more precise for small motion, slower, and worse at the lung "
+            "base of a full thorax",
             preset_table="regsam.register.sam:PRESETS",
             mask_note="lungs: the search box and the sliding surface; default: the automatic lung mask",
         ),

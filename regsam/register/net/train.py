@@ -41,6 +41,7 @@ from regsam.embed.model import load_embedder
 from regsam.embed.train import (
     build_optimizer,
     check_holdout,
+    check_resumed_config,
     learning_rate,
     merge_config,
     resolve_data,
@@ -193,36 +194,8 @@ def _prepare(config, out_dir, resume: bool, device, max_steps, init_weights, pro
             raise InputError(f"{run.out} already holds a checkpoint; pass resume=True (--resume) or choose another "
                              "folder")
         run.checkpoint = torch.load(run.ckpt_path, map_location="cpu", weights_only=False)
-        _check_resumed_config(run.checkpoint.get("config"), cfg, run.out)
+        check_resumed_config(run.checkpoint.get("config"), cfg, run.out)
     return run
-
-
-#: keys a resumed run may change: a longer (or shorter) run of the same recipe
-RESUMABLE_CHANGES = ("train.max_steps",)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out |= _flat(value, name + ".") if isinstance(value, dict) else {name: value}
-    return out
-
-
-def _check_resumed_config(saved: dict | None, cfg: dict, out: Path) -> None:
-    """Refuse a resume whose configuration differs from the checkpoint's (a silent change of, say, the initial
-    weights would also change the network's SAM input basis); only :data:`RESUMABLE_CHANGES` may differ."""
-    if saved is None:  # checkpoints written before the configuration was stored in them
-        return
-    old, new = _flat(saved), _flat(cfg)
-    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
-    if changed:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
-        raise InputError(f"--resume: the configuration differs from {out / 'checkpoint.pt'}'s in {len(changed)} key(s) "
-                         f"({shown}); resume with the run's own config and overrides ({out / 'config.yaml'})")
-    if old.get("train.max_steps") != new.get("train.max_steps") and new.get("train.lr_schedule") == "cosine":
-        print(f"regsam: resuming with train.max_steps {old.get('train.max_steps')} -> {new.get('train.max_steps')}: "
-              "the cosine learning-rate schedule is stretched from here on", file=sys.stderr)
 
 
 def _landmark_folder(run: _Run) -> Path:
