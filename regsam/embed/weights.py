@@ -6,7 +6,9 @@ network) and :func:`regsam.embed.fused.load_fused` (inference without MONAI) sta
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,3 +77,18 @@ def read_weights(path: str | os.PathLike | None = None) -> WeightsFile:
         spacing_mm=float(crops.get("base_spacing_mm", DEFAULT_SPACING_MM)),
         hu_window=(lo, hi),
     )
+
+
+def embedder_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A 16-hex-digit SHA-256 of an embedder's tensors (names, shapes, dtypes, values): the same for its weights
+    file (:attr:`WeightsFile.state_dict`) and for the model loaded from it (``model.state_dict()``).
+
+    A network trained on an embedder's features records it (:mod:`regsam.register.net`), so that the features it
+    reads at inference come from the same embedder even after the shipped default changes.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

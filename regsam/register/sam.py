@@ -49,7 +49,7 @@ from regsam.register.capture import CaptureSettings, box_grid, capture_motion
 from regsam.register.deformable import refine_deformable
 from regsam.register.embedding_pca import pca_basis, project_seen, shared_pca_features
 from regsam.register.finish import FinishSettings, finish_motion
-from regsam.register.net.model import network_weights_file
+from regsam.register.net.model import network_embedder
 from regsam.register.net.stage import NetworkStage
 from regsam.register.presets import choose_preset
 from regsam.register.result import RegistrationResult
@@ -318,7 +318,8 @@ def register_sam(
         stages: ``sam``: any of ``affine``, ``coarse``, ``capture``, ``deformable``; ``sam-net``: any of ``affine``,
             ``network``, ``deformable`` (comma-separated string or list; default: the preset's).
         device: ``cpu`` or ``cuda`` (default: CUDA when available).
-        weights: embedder weights file (default: the shipped ``regsam/weights/sam_chest.pt``).
+        weights: embedder weights file (default: the shipped ``regsam/weights/sam_chest.pt``; with the ``network``
+            stage, the embedder the network was trained on, :func:`~regsam.register.net.model.network_embedder`).
         net_weights: ``sam-net``: network weights file (default: the shipped ``regsam/weights/sam_net_chest.pt``).
         method: ``sam`` or ``sam-net`` (:data:`METHOD_TABLES`: its presets and stages; the result's method).
     """
@@ -326,8 +327,9 @@ def register_sam(
     presets, known = METHOD_TABLES[method]
     name, cfg = choose_preset(presets, preset, DEFAULT_PRESET, method)
     wanted = parse_stages(stages if stages is not None else cfg.stages, known, method)
-    if "network" in wanted:
-        network_weights_file(net_weights)  # a missing network fails before the embedding work
+    if "network" in wanted:  # a missing network or a wrong embedder fails before the embedding work
+        pinned = network_embedder(net_weights, weights)
+        weights = None if pinned is None else str(pinned)
     timings: dict[str, float] = {}
     with timed(timings, "embed"):
         fixed_emb, moving_emb, dev = embed_pair(fixed, moving, weights, device)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import voxelmorph as vxm
 
 from regsam.embed.preprocess import HU_WINDOW, normalize_hu
+from regsam.embed.weights import DEFAULT_WEIGHTS, embedder_fingerprint, read_weights
 from regsam.errors import InputError
 from regsam.io.atomic import atomic_path
 from regsam.io.geometry import antialias, bin_shrink, empty_like_grid
@@ -37,6 +38,9 @@ from regsam.register.torch_fields import ddf_to_field, image_to_tensor
 
 #: the shipped network (trained by ``regsam train-deformable --config configs/deformable/sam_net_chest.yaml``)
 DEFAULT_NET_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "sam_net_chest.pt"
+#: the shipped embedders a network may have been trained on, in the order they are tried (see :func:`network_embedder`):
+#: the default, then the one the shipped network was trained on, kept when the default moves on
+SHIPPED_EMBEDDERS = (DEFAULT_WEIGHTS, DEFAULT_WEIGHTS.with_name("sam_net_embedder.pt"))
 NET_WEIGHTS_FORMAT = 1
 
 
@@ -264,8 +268,38 @@ def load_network(path: str | os.PathLike | None = None, device: str | torch.devi
                          None if basis is None else (basis[0], basis[1]))
 
 
+def network_embedder(net_weights: str | os.PathLike | None, weights: str | os.PathLike | None) -> Path | None:
+    """The embedder weights a network's SAM inputs must come from: ``weights`` when given, else a shipped one.
+
+    A network with SAM inputs (``feature_channels > 0``) records the fingerprint of the embedder it was trained on
+    (``training.embedder_fingerprint``, :func:`regsam.embed.weights.embedder_fingerprint`); its PCA basis and its
+    correlation inputs only mean something for that embedder. Without ``weights`` the first of
+    :data:`SHIPPED_EMBEDDERS` with that fingerprint is used; a network without SAM inputs or without a record keeps
+    ``weights`` (``None``: the default embedder).
+
+    Raises:
+        InputError: ``weights`` is another embedder, or no shipped embedder is the network's (one line).
+    """
+    loaded = load_network(net_weights)
+    wanted = loaded.training.get("embedder_fingerprint")
+    if not loaded.config.feature_channels or not wanted:
+        return None if weights is None else Path(weights)
+    name = network_weights_file(net_weights).name
+    if weights is not None:
+        got = embedder_fingerprint(read_weights(weights).state_dict)
+        if got != wanted:
+            raise InputError(f"sam-net: network {name} was trained on embedder {wanted}, but {weights} is {got}; "
+                             "pass the embedder it was trained on (--weights) or retrain the network")
+        return Path(weights)
+    for path in SHIPPED_EMBEDDERS:
+        if path.is_file() and embedder_fingerprint(read_weights(path).state_dict) == wanted:
+            return path
+    raise InputError(f"sam-net: network {name} was trained on embedder {wanted}, which is not shipped; "
+                     "pass its weights (--weights)")
+
+
 __all__ = [
-    "DEFAULT_NET_WEIGHTS", "LoadedNetwork", "NetConfig", "build_network", "correlation_volume", "image_on_grid",
-    "load_network", "network_field_to_world", "network_grid", "network_inputs", "network_weights_file",
-    "predict_residual", "save_network",
+    "DEFAULT_NET_WEIGHTS", "SHIPPED_EMBEDDERS", "network_embedder", "LoadedNetwork", "NetConfig", "build_network",
+    "correlation_volume", "image_on_grid", "load_network", "network_field_to_world", "network_grid", "network_inputs",
+    "network_weights_file", "predict_residual", "save_network",
 ]

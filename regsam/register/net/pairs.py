@@ -40,6 +40,7 @@ from regsam.data.simulate import SimulationConfig, simulate_case
 from regsam.embed.inference import embed_image
 from regsam.embed.model import SAMEmbedder
 from regsam.embed.train import SAMPLE_CT
+from regsam.embed.weights import embedder_fingerprint
 from regsam.errors import InputError
 from regsam.io.images import check_volume, read_image, standardize
 from regsam.register.embedding_pca import pca_basis, project_features, shared_pca_features
@@ -191,6 +192,8 @@ class PairPool:
                  device: torch.device | None = None, input_basis: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.scans, self.settings, self.net, self.landmarks = scans, settings, net, landmarks
         self.seed, self.embedder, self.device, self.input_basis = int(seed), embedder, device, input_basis
+        #: recorded with the trained network (:func:`regsam.register.net.model.network_embedder`)
+        self.embedder_fingerprint = None if embedder is None else embedder_fingerprint(embedder.state_dict())
         self.rng = np.random.default_rng([self.seed, 1])
         self.pool: list[Pair] = []
 

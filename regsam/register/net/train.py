@@ -238,6 +238,10 @@ def _build(run: _Run):
     elif run.net_cfg.feature_channels and embedder is not None:
         basis = input_feature_basis(scans[0], embedder, run.net_cfg.feature_channels, seed, run.device)
     pool = PairPool(scans, run.pairs, run.net_cfg, landmarks, seed + 1000 * rank, embedder, run.device, basis)
+    source_embedder = None if source is None else source.training.get("embedder_fingerprint")
+    if source_embedder and pool.embedder_fingerprint and source_embedder != pool.embedder_fingerprint:
+        raise InputError(f"train.init_weights {run.train.init_weights} was trained on embedder {source_embedder}, "
+                         f"the config's embedder is {pool.embedder_fingerprint}: its input basis would not fit")
     optimizer = build_optimizer(list(net.parameters()), run.train)  # type: ignore[arg-type]
     start, seconds = 0, 0.0
     if run.checkpoint is not None:
@@ -366,6 +370,8 @@ def train_deformable(
         net.eval()
         training = {"config": run.cfg, "steps": run.train.max_steps, "train_seconds": seconds,
                     "world_size": run.dist.world, "data_files": [Path(f).name for f in run.data_files]}
+        if pool.embedder_fingerprint:
+            training["embedder_fingerprint"] = pool.embedder_fingerprint
         save_network(net, run.net_cfg, weights, training, feature_basis=pool.input_basis)
     barrier(run.dist)
     return weights

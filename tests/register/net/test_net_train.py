@@ -18,6 +18,7 @@ import yaml
 from regsam.cli import main as cli_main
 from regsam.errors import InputError
 from regsam.register.net.loss import LossConfig
+from regsam.embed.weights import embedder_fingerprint, read_weights
 from regsam.register.net.model import load_network
 from regsam.register.net.train import load_config, train_deformable
 
@@ -187,6 +188,8 @@ def test_sam_feature_inputs_use_one_basis_from_training_to_inference(lung_ct, di
     loaded = load_network(weights)
     basis, mean = loaded.feature_basis
     assert basis.shape == (3, mean.shape[0]) and torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-4)
+    trained_on = embedder_fingerprint(read_weights(config.get("embedder")).state_dict)
+    assert loaded.training["embedder_fingerprint"] == trained_on  # inference pins this embedder
     again = train_deformable(config, tmp_path / "again", progress=False)
     assert torch.equal(load_network(again).feature_basis[0], basis)  # deterministic: same on every run and rank
     other = {**config, "seed": 1}
