@@ -54,13 +54,18 @@ def _ablate_case(case_dir: Path, weights: dict[str, str]) -> dict:
 
     from regsam.data.case import load_case
     from regsam.io.transforms import transform_to_field
+    from regsam.register.net.model import network_embedder
     from regsam.register.result import RegistrationResult
     from regsam.register.sam import NET_PRESETS, STAGE_OBJECTS, SamState, embed_pair
 
     case = load_case(case_dir)
     fixed, moving = sitk.ReadImage(str(case.fixed), sitk.sitkFloat32), sitk.ReadImage(str(case.moving), sitk.sitkFloat32)
     fixed_pts, moving_pts = case.point_sets["points"]
-    fixed_emb, moving_emb, dev = embed_pair(fixed, moving)
+    embedders = {network_embedder(path, None) for path in weights.values()}
+    if len(embedders) > 1:
+        raise SystemExit(f"the networks were trained on different embedders ({sorted(map(str, embedders))})")
+    embedder = embedders.pop()
+    fixed_emb, moving_emb, dev = embed_pair(fixed, moving, None if embedder is None else str(embedder))
     state = SamState(fixed, moving, NET_PRESETS["instant"], 0, dev, fixed_emb, moving_emb)
     STAGE_OBJECTS["affine"].run(state)
     row: dict = {"affine": _score(fixed_pts, moving_pts, np.array([state.affine.TransformPoint(p.tolist())
