@@ -172,7 +172,7 @@ METHODS: dict[str, MethodSpec] = {
             summary="SAM embedding matches -> RANSAC affine -> large-motion capture (discrete search over MIND-SSC "
             "and SAM features at 4 and 2 mm, +-24 mm, convex coupling smoothed separately inside and outside the "
             "lungs so they slide, folds smoothed locally) -> finish (Adam on MIND-SSC and the CT's local contrast at "
-            "up to 50k sample points of the body near the lungs on a 1.5 mm grid, coarser beyond 3 M voxels: a smooth "
+            "up to 200k sample points of the body near the lungs on a 1.5 mm grid, coarser beyond 3 M voxels: a smooth "
             "correction inside and one outside the lungs, at most 40 steps, stopped on convergence); `accurate` "
             "adds the deformable stage (MONAI LNCC + bending energy at 4 and 2 mm from the capture residual, "
             "sliding, steps stopped on convergence): more precise for small motion, slower, and worse at the lung "
