@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regsam.embed.crops import image_affine, normalized_grid
+from regsam.embed.affines import image_affine, normalized_grid
 from regsam.embed.inference import Embedding
 from regsam.devices import resolve_device
 from regsam.errors import InputError

@@ -37,9 +37,10 @@ import SimpleITK as sitk
 import torch
 
 from regsam.data.masks import body_mask, threshold_masks
+from regsam.devices import resolve_device
 from regsam.embed.correspondences import MatchSettings, fit_correspondence_affine, match_correspondences
+from regsam.embed.fused import load_fused
 from regsam.embed.inference import embed_image
-from regsam.embed.model import load_embedder
 from regsam.errors import InputError
 from regsam.fit.correspondences import Correspondences
 from regsam.fit.smooth import fit_smooth_field
@@ -125,8 +126,8 @@ def parse_stages(stages: Sequence[str] | str, known: Sequence[str], method: str)
 
 def embed_pair(fixed: sitk.Image, moving: sitk.Image, weights: str | None = None, device: str | None = None):
     """Embed both images with the embedder ``weights`` (default: the shipped one): ``(fixed_emb, moving_emb, device)``."""
-    model = load_embedder(weights, device=device)
-    dev = next(model.parameters()).device
+    dev = resolve_device(device)
+    model = load_fused(weights, device=dev)  # the inference form: same embedding, no MONAI import
     return embed_image(model, fixed, device=dev), embed_image(model, moving, device=dev), dev
 
 

@@ -7,19 +7,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from regsam.embed.affines import apply_affine, image_affine, voxel_centres
 from regsam.embed.crops import (
     CropConfig,
     TwoViewSampler,
     ViewGeometry,
-    apply_affine,
     grid_key,
     hierarchy_grids,
-    image_affine,
     load_scan,
     sample_view,
     sample_view_pair,
     split_grid,
-    voxel_centres,
 )
 from regsam.embed.objectives.sam import SAMObjective
 from regsam.errors import InputError

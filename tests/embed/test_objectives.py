@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from regsam.embed.crops import CropConfig, TwoViewSampler, apply_affine, grid_key, image_affine, load_scan, voxel_centres
+from regsam.embed.affines import apply_affine, image_affine, voxel_centres
+from regsam.embed.crops import CropConfig, TwoViewSampler, grid_key, load_scan
 from regsam.embed.model import load_embedder
 from regsam.embed.objectives import ACEObjective, AdamObjective, CombinedObjective, build_objective, objective_config
 from regsam.embed.objectives.ace import correspondence

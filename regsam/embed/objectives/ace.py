@@ -37,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regsam.embed.crops import apply_affine, grid_key
+from regsam.embed.affines import apply_affine
+from regsam.embed.crops import grid_key
 from regsam.embed.objectives.base import (
     VIEWS,
     embed_groups,

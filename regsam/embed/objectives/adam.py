@@ -40,7 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regsam.embed.crops import apply_affine, grid_key, hierarchy_grids, scale_affine, voxel_centres
+from regsam.embed.affines import apply_affine, scale_affine, voxel_centres
+from regsam.embed.crops import grid_key, hierarchy_grids
 from regsam.embed.objectives.base import VIEWS, embed_groups, parts_group, views_group
 from regsam.errors import InputError
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regsam.embed.crops import apply_affine, scale_affine, voxel_centres
+from regsam.embed.affines import apply_affine, scale_affine, voxel_centres
 
 #: the views group: view 1 of every pair, then view 2 of every pair, (2B, 1, z, y, x)
 VIEWS = "views"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regsam.embed.crops import apply_affine, normalized_grid, scale_affine, voxel_centres
+from regsam.embed.affines import apply_affine, normalized_grid, scale_affine, voxel_centres
 from regsam.embed.objectives.base import VIEWS, embed_groups, views_group
 from regsam.errors import InputError
 

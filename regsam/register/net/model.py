@@ -19,13 +19,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-import voxelmorph as vxm
 
 from regsam.embed.preprocess import HU_WINDOW, normalize_hu
 from regsam.embed.weights import DEFAULT_WEIGHTS, embedder_fingerprint, read_weights
@@ -35,6 +34,9 @@ from regsam.io.geometry import antialias, bin_shrink, empty_like_grid
 from regsam.io.images import AIR_HU
 from regsam.io.transforms import TransformLike
 from regsam.register.torch_fields import ddf_to_field, image_to_tensor
+
+if TYPE_CHECKING:
+    import voxelmorph as vxm
 
 #: the shipped network (trained by ``regsam train-deformable --config configs/deformable/sam_net_chest.yaml``)
 DEFAULT_NET_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "sam_net_chest.pt"
@@ -105,6 +107,8 @@ def build_network(cfg: NetConfig | dict) -> vxm.nn.models.VxmPairwise:
     """A 3D ``VxmPairwise``: source = moving, target = fixed, with :attr:`NetConfig.input_channels` channels."""
     cfg = cfg if isinstance(cfg, NetConfig) else NetConfig.from_dict(cfg)
     source, target = cfg.input_channels
+    import voxelmorph as vxm  # it imports neurite and matplotlib (0.5-1 s): only a network stage pays for it
+
     return vxm.nn.models.VxmPairwise(
         ndim=3, source_channels=source, target_channels=target, nb_features=[int(n) for n in cfg.nb_features],
         integration_steps=int(cfg.integration_steps),
