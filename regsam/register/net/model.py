@@ -245,12 +245,8 @@ def network_weights_file(path: str | os.PathLike | None = None) -> Path:
     return weights
 
 
-def load_network(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedNetwork:
-    """Load network weights (default: the shipped ``regsam/weights/sam_net_chest.pt``) in eval mode.
-
-    Raises:
-        InputError: the file is missing, unreadable or not regsam network weights (one line).
-    """
+def _read_network_file(path: str | os.PathLike | None) -> tuple[Path, dict]:
+    """The weights file (default: the shipped one) and its ``torch.save`` payload, checked to be network weights."""
     weights = network_weights_file(path)
     try:
         payload = torch.load(weights, map_location="cpu", weights_only=False)
@@ -258,6 +254,16 @@ def load_network(path: str | os.PathLike | None = None, device: str | torch.devi
         raise InputError(f"{weights}: not a readable torch file ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "net_config" not in payload:
         raise InputError(f"{weights}: not regsam network weights (no state_dict/net_config)")
+    return weights, payload
+
+
+def load_network(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedNetwork:
+    """Load network weights (default: the shipped ``regsam/weights/sam_net_chest.pt``) in eval mode.
+
+    Raises:
+        InputError: the file is missing, unreadable or not regsam network weights (one line).
+    """
+    weights, payload = _read_network_file(path)
     cfg = NetConfig.from_dict(payload["net_config"])
     net = build_network(cfg)
     try:
@@ -284,11 +290,11 @@ def network_embedder(net_weights: str | os.PathLike | None, weights: str | os.Pa
     Raises:
         InputError: ``weights`` is another embedder, or no shipped embedder is the network's (one line).
     """
-    loaded = load_network(net_weights)
-    wanted = loaded.training.get("embedder_fingerprint")
-    if not loaded.config.feature_channels or not wanted:
+    path, payload = _read_network_file(net_weights)  # the record alone: the network is built by its stage
+    wanted = (payload.get("training") or {}).get("embedder_fingerprint")
+    if not NetConfig.from_dict(payload["net_config"]).feature_channels or not wanted:
         return None if weights is None else Path(weights)
-    name = network_weights_file(net_weights).name
+    name = path.name
     if weights is not None:
         got = embedder_fingerprint(read_weights(weights).state_dict)
         if got != wanted:
