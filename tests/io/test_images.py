@@ -155,3 +155,21 @@ def test_write_nifti_gz_is_the_same_nifti_as_simpleitk(tmp_path: Path) -> None:
                                                           "warped.nii.gz"]
     with pytest.raises(InputError):
         write_nifti_gz(field, tmp_path / "disp.mha")
+
+
+@pytest.mark.parametrize("block", [64, 1000, 2165, 1 << 20])
+def test_write_nifti_gz_blocks_form_one_gzip_member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    import gzip
+    import zlib
+
+    import regsam.io.images as images
+
+    monkeypatch.setattr(images, "_GZ_BLOCK", block)  # many blocks with a short last one, two exact halves, one block
+    image = _volume(size=(17, 13, 9))
+    write_nifti_gz(image, tmp_path / "a.nii.gz")
+    packed = (tmp_path / "a.nii.gz").read_bytes()
+    member = zlib.decompressobj(31)
+    raw = member.decompress(packed)
+    assert member.eof and member.unused_data == b""  # a single member: readers that stop after one read it all
+    assert raw == gzip.open(tmp_path / "a.nii.gz").read()
+    _assert_same_image(sitk.ReadImage(str(tmp_path / "a.nii.gz")), image)
