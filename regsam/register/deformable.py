@@ -112,19 +112,35 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
     """
     six = torch.tensor([[0, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 2], [2, 1, 1], [1, 2, 1]])
     pairs = [(i, j) for i in range(6) for j in range(i + 1, 6) if int(((six[i] - six[j]) ** 2).sum()) == 2]
-    k1 = torch.zeros(len(pairs), 1, 3, 3, 3, dtype=image.dtype, device=image.device)
-    k2 = torch.zeros_like(k1)
-    for n, (i, j) in enumerate(pairs):
-        k1[(n, 0, *six[i].tolist())] = 1.0
-        k2[(n, 0, *six[j].tolist())] = 1.0
     padded = F.pad(image, [dilation] * 6, mode="replicate")
-    diff = F.conv3d(padded, k1, dilation=dilation) - F.conv3d(padded, k2, dilation=dilation)
-    ssd = F.avg_pool3d(F.pad(diff * diff, [radius] * 6, mode="replicate"), 2 * radius + 1, stride=1)
+    d, h, w = image.shape[2:]
+
+    def shifted(offset: torch.Tensor) -> torch.Tensor:  # the image moved by (offset - 1) * dilation voxels
+        z, y, x = (int(o) * dilation for o in offset)
+        return padded[:, :, z : z + d, y : y + h, x : x + w]
+
+    # shifted slices, not one-hot dilated convolutions: CPU torch runs dilated conv3d on its slow path
+    diff = torch.cat([shifted(six[i]) - shifted(six[j]) for i, j in pairs], dim=1)
+    ssd = box_mean(F.pad(diff * diff, [radius] * 6, mode="replicate"), 2 * radius + 1)
     mind = ssd - ssd.min(dim=1, keepdim=True).values
     var = mind.mean(dim=1, keepdim=True)
     mean_var = var.mean()
     var = torch.clamp(var, min=float(mean_var) * 1e-3 + 1e-12, max=float(mean_var) * 1e3 + 1e-12)
     return torch.exp(-mind / var)
+
+
+def box_mean(volume: torch.Tensor, side: int) -> torch.Tensor:
+    """Mean over boxes of ``side`` voxels of a (B, C, D, H, W) tensor, valid part only (each axis shrinks by side - 1).
+
+    Separable shifted sums: on CPU 2-4x faster than ``avg_pool3d`` for 3-voxel boxes on millions of voxels; autograd-safe.
+    """
+    for dim in (2, 3, 4):
+        n = volume.shape[dim] - side + 1
+        total = volume.narrow(dim, 0, n).clone()
+        for k in range(1, side):
+            total += volume.narrow(dim, k, n)
+        volume = total
+    return volume / float(side) ** 3
 
 
 def local_contrast(image: torch.Tensor, window: int = 3, clip: float = 3.0) -> torch.Tensor:
@@ -133,8 +149,8 @@ def local_contrast(image: torch.Tensor, window: int = 3, clip: float = 3.0) -> t
     gain and offset (the lungs' density change between breathing phases), but it keeps the intensity's sign and
     position that MIND-SSC's patch distances blur."""
     pad = [window // 2] * 6
-    mean = F.avg_pool3d(F.pad(image, pad, mode="replicate"), window, stride=1)
-    var = F.avg_pool3d(F.pad(image * image, pad, mode="replicate"), window, stride=1) - mean * mean
+    mean = box_mean(F.pad(image, pad, mode="replicate"), window)
+    var = box_mean(F.pad(image * image, pad, mode="replicate"), window) - mean * mean
     return ((image - mean) / torch.sqrt(var.clamp_min(0.0) + 1e-4)).clamp(-clip, clip) / clip
 
 
@@ -180,13 +196,10 @@ def _resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, de
 
 
 def _smooth_param(theta: torch.Tensor, passes: int) -> torch.Tensor:
-    """``passes`` rounds of a 3x3x3 box filter (edge-replicated); shifted sums, ~4x faster than avg_pool3d on CPU."""
+    """``passes`` rounds of a 3x3x3 box filter (edge-replicated, :func:`box_mean`)."""
     out = theta
     for _ in range(int(passes)):
-        out = F.pad(out, [1] * 6, mode="replicate")
-        out = out[:, :, :-2] + out[:, :, 1:-1] + out[:, :, 2:]
-        out = out[:, :, :, :-2] + out[:, :, :, 1:-1] + out[:, :, :, 2:]
-        out = (out[..., :-2] + out[..., 1:-1] + out[..., 2:]) / 27.0
+        out = box_mean(F.pad(out, [1] * 6, mode="replicate"), 3)
     return out
 
 

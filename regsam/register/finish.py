@@ -129,7 +129,7 @@ class _PointSampler:
 
     def ddf(self, theta: torch.Tensor, grid: sitk.Image) -> torch.Tensor:
         """The correction (1, 3, N) at the points, voxels of ``grid``."""
-        parts = [self.at_points(part) for part in self.smooth(theta).split(3, dim=1)]
+        parts = self.at_points(self.smooth(theta)).split(3, dim=1)  # one sampling pass for both fields
         return parts[0] if self.blend is None else self.blend * parts[0] + (1.0 - self.blend) * parts[1]
 
 
