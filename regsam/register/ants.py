@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +66,23 @@ def _ants():
     return ants
 
 
+@contextmanager
+def _seeded(ants, seed: int) -> Iterator[None]:
+    """Run ANTs with ``--random-seed seed``: antspyx 0.6 swallows ``registration(random_seed=...)`` in its ``**kwargs``
+    and reads the seed from a package setting instead. Unseeded, every run samples the affine metric anew, and the
+    rigid stage of a small image sometimes lands tens of mm off (seen on CI)."""
+    config = getattr(ants, "config", None)
+    if config is None or not hasattr(config, "_random_seed"):
+        yield
+        return
+    previous = config._random_seed
+    config._random_seed = int(seed)
+    try:
+        yield
+    finally:
+        config._random_seed = previous
+
+
 def _working_copy(image: sitk.Image, spacing_mm: float | None) -> sitk.Image:
     image = sitk.Cast(image, sitk.sitkFloat32)
     if spacing_mm is None or min(image.GetSpacing()) >= spacing_mm:
@@ -89,11 +108,12 @@ def register_ants(
         fixed_a, moving_a = ants.image_read(paths["fixed"]), ants.image_read(paths["moving"])
         timings["resample"] = time.perf_counter() - t
         t = time.perf_counter()
-        out = ants.registration(
-            fixed_a, moving_a, type_of_transform=cfg.type_of_transform, syn_metric=cfg.syn_metric,
-            syn_sampling=cfg.syn_sampling, reg_iterations=tuple(cfg.reg_iterations), outprefix=str(Path(tmp) / "ants_"),
-            random_seed=int(seed),
-        )
+        with _seeded(ants, seed):
+            out = ants.registration(
+                fixed_a, moving_a, type_of_transform=cfg.type_of_transform, syn_metric=cfg.syn_metric,
+                syn_sampling=cfg.syn_sampling, reg_iterations=tuple(cfg.reg_iterations),
+                outprefix=str(Path(tmp) / "ants_"), random_seed=int(seed),
+            )
         timings["ants"] = time.perf_counter() - t
         t = time.perf_counter()
         composed = ants.apply_transforms(fixed_a, moving_a, out["fwdtransforms"], compose=str(Path(tmp) / "composed_"))
