@@ -348,7 +348,8 @@ def register_sam(
             with timed(timings, stage_name):
                 STAGE_OBJECTS[stage_name].run(state)
     if state.displacement is None:
-        state.displacement = _field_without_refinement(state)
+        with timed(timings, "field"):  # the fixed-grid field of T0(x + r(x)): seconds on a full thorax
+            state.displacement = _field_without_refinement(state)
     with timed(timings, "warp"):
         warped = warp_image(sitk.Cast(moving, sitk.sitkFloat32), fixed, state.displacement, "linear", AIR_HU)
     timings["total"] = time.perf_counter() - start
