@@ -367,7 +367,8 @@ def _field_without_refinement(state: SamState) -> sitk.Image:
         return transform_to_field(start, state.fixed)
     # the residual lives on the lungs' box: continue it flat beyond the box on its own lattice (no jump, no fold)
     grown, _ = extend_over(state.residual, state.fixed)
-    residual = sitk.Resample(grown, state.fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
     t0 = sitk.DisplacementFieldTransform(sitk.Image(start)) if isinstance(start, sitk.Image) else start
-    composite = sitk.CompositeTransform([t0, sitk.DisplacementFieldTransform(residual)])  # residual first, then T0
+    # the field transform interpolates the grown lattice linearly at each fixed voxel, as a Resample onto the fixed
+    # grid would, without a second full-size field (the grown lattice covers the fixed grid: nothing is extrapolated)
+    composite = sitk.CompositeTransform([t0, sitk.DisplacementFieldTransform(grown)])  # residual first, then T0
     return transform_to_field(composite, state.fixed)
