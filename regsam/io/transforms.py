@@ -63,6 +63,18 @@ def check_displacement_field(field: sitk.Image, name: str = "displacement field"
     Raises:
         InputError: not a 3D image with 3 components per voxel, or NaN/infinite vectors.
     """
+    _field_vectors(field, name)
+    if field.GetPixelID() == sitk.sitkVectorFloat64:
+        out = sitk.Image(field)  # a copy: callers may hand it to DisplacementFieldTransform, which empties it
+    else:
+        out = sitk.Cast(field, sitk.sitkVectorFloat64)
+    for key in out.GetMetaDataKeys():
+        out.EraseMetaData(key)
+    return out
+
+
+def _field_vectors(field: sitk.Image, name: str = "displacement field") -> np.ndarray:
+    """The (z, y, x, 3) array view of a displacement field, once it is known to be a finite 3D 3-vector image."""
     if not isinstance(field, sitk.Image):
         raise InputError(f"{name}: expected a SimpleITK vector image, got {type(field).__name__}")
     if field.GetDimension() != 3:
@@ -71,15 +83,10 @@ def check_displacement_field(field: sitk.Image, name: str = "displacement field"
         raise InputError(
             f"{name} has {field.GetNumberOfComponentsPerPixel()} components per voxel; a displacement field needs 3"
         )
-    if field.GetPixelID() == sitk.sitkVectorFloat64:
-        out = sitk.Image(field)  # a copy: callers may hand it to DisplacementFieldTransform, which empties it
-    else:
-        out = sitk.Cast(field, sitk.sitkVectorFloat64)
-    for key in out.GetMetaDataKeys():
-        out.EraseMetaData(key)
-    if not np.isfinite(sitk.GetArrayViewFromImage(out)).all():
+    vectors = sitk.GetArrayViewFromImage(field)
+    if np.issubdtype(vectors.dtype, np.floating) and not np.isfinite(vectors).all():
         raise InputError(f"{name} contains NaN or infinite displacements")
-    return out
+    return vectors
 
 
 def read_displacement_field(path: str | os.PathLike) -> sitk.Image:
@@ -288,7 +295,9 @@ def jacobian_determinant(field: sitk.Image) -> sitk.Image:
     rotated grid reads det 1) and halves derivatives on the outer faces (zero-flux boundary).
     Derivatives are taken slab by slab in the field's own float type (a 17 M-voxel float64 field in about a second).
     """
-    vectors = _checked_vectors(field)
+    vectors = _field_vectors(field)
+    if not np.issubdtype(vectors.dtype, np.floating):
+        vectors = vectors.astype(np.float64)
     if min(field.GetSize()) < 2:
         raise InputError(f"displacement field of size {field.GetSize()}: the Jacobian needs at least 2 voxels per axis")
     direction = direction_matrix(field).astype(vectors.dtype)
@@ -307,21 +316,7 @@ def jacobian_determinant(field: sitk.Image) -> sitk.Image:
         det[z0:z1] = slab[z0 - lo : z0 - lo + (z1 - z0)]
     out = sitk.GetImageFromArray(det)
     out.CopyInformation(field)
-    for key in out.GetMetaDataKeys():
-        out.EraseMetaData(key)
     return out
-
-
-def _checked_vectors(field: sitk.Image) -> np.ndarray:
-    """(z, y, x, 3) array view of a displacement field, after the checks of :func:`check_displacement_field`."""
-    if not isinstance(field, sitk.Image) or field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
-        check_displacement_field(field)  # raises with the precise message
-    vectors = sitk.GetArrayViewFromImage(field)
-    if not np.issubdtype(vectors.dtype, np.floating):
-        vectors = vectors.astype(np.float64)
-    if not np.isfinite(vectors).all():
-        raise InputError("displacement field contains NaN or infinite displacements")
-    return vectors
 
 
 def _det_of_slab(local: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
